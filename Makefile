@@ -1,0 +1,25 @@
+# The two commands the README promises, plus the pieces they are made of.
+PYTHON ?= python3
+
+.PHONY: run test install install-test lint bench
+
+install:
+	$(PYTHON) -m pip install -q -e .
+
+install-test:
+	$(PYTHON) -m pip install -q -e '.[test]'
+	bash scripts/ensure-postgres.sh
+
+# Run the service on its embedded defaults (SQLite file + generated key under .killswitch/).
+run: install
+	killswitch serve
+
+# The whole test suite (SQLite and a throwaway PostgreSQL, ruff, mypy).
+test: install-test
+	$(PYTHON) -m pytest
+
+lint:
+	ruff check . && ruff format --check . && mypy
+
+bench: install
+	$(PYTHON) bench/issue.py

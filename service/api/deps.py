@@ -1,0 +1,65 @@
+"""Dependencies shared by every route: the running :class:`Services` and the caller."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request
+from litestar.datastructures import State
+from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import SkipValidation
+
+from service.auth import Principal, authenticate
+from service.core import Services
+
+
+def provide_services(state: State) -> Services:
+    services: Services = state.services
+    return services
+
+
+async def provide_principal(request: Request[Any, Any, Any], state: State) -> Principal:
+    return await authenticate(state.services, request.headers.get("authorization"))
+
+
+class ProblemDetails(msgspec.Struct, frozen=True, kw_only=True):
+    """RFC 9457 problem details (media type application/problem+json)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str
+    offending: list[str] | None = None
+    errors: list[dict[str, Any]] | None = None
+
+
+def problems(*codes: int) -> dict[int, ResponseSpec]:
+    """OpenAPI response entries for the problem details a route can answer with."""
+    text = {
+        400: "Malformed body, unknown field or invalid scope grammar",
+        401: "Missing or invalid credentials",
+        403: "Authenticated, but not allowed (role, suspended agent, scope beyond ceiling)",
+        404: "No such resource (or not visible to the caller)",
+        409: "The resource's state forbids this (e.g. task already closed)",
+        413: "Request body over KS_MAX_BODY_BYTES",
+    }
+    return {
+        code: ResponseSpec(
+            data_container=ProblemDetails,
+            description=text[code],
+            media_type="application/problem+json",
+        )
+        for code in codes
+    }
+
+
+OPERATOR: list[dict[str, list[str]]] = [{"operatorToken": []}]
+AGENT: list[dict[str, list[str]]] = [{"agentBasic": []}, {"clientAssertion": []}, {"taskCredential": []}]
+
+
+# Explicit dependency markers: litestar 3 stops inferring injected parameters.
+ServicesDep = NamedDependency[SkipValidation[Services]]
+PrincipalDep = NamedDependency[SkipValidation[Principal]]

@@ -1,0 +1,85 @@
+"""HTTP edge for revocations and the audit log."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from litestar import Controller, get, post
+from litestar.di import Provide
+from litestar.params import JSONBody, Parameter
+
+from service.api.deps import OPERATOR, PrincipalDep, ServicesDep, problems, provide_principal
+from service.auth import READ, REVOKE, require_operator
+from service.contracts import CreateRevocation, Page, RevocationSource, RevocationView, Role
+from service.storage import repository as repo
+
+Since = Annotated[float | None, Parameter(description="Only entries at or after (epoch s)")]
+Limit = Annotated[int, Parameter(ge=1, le=1000, description="Page size")]
+Cursor = Annotated[int | None, Parameter(description="next_cursor of the last page")]
+
+
+class RevocationController(Controller):
+    path = "/v1"
+    tags = ["revocations"]
+    security = OPERATOR
+    dependencies = {"principal": Provide(provide_principal)}
+
+    @post(
+        "/revocations",
+        operation_id="revoke",
+        summary="Revoke a credential, task, agent, or everything before a cut-off (analyst)",
+        status_code=201,
+        responses=problems(400, 401, 403, 404, 413),
+    )
+    async def revoke(
+        self, data: JSONBody[CreateRevocation], principal: PrincipalDep, services: ServicesDep
+    ) -> RevocationView:
+        require_operator(principal, REVOKE)
+        source = (
+            RevocationSource.DETECTOR
+            if principal.role is Role.DETECTOR
+            else RevocationSource.ANALYST
+        )
+        view = await services.revoker.revoke(
+            data.target, reason=data.reason, actor=principal.actor, source=source
+        )
+        services.metrics.revocations.labels(
+            target=view.target.__struct_config__.tag, source=source.value
+        ).inc()
+        return view
+
+    @get(
+        "/revocations",
+        operation_id="listRevocations",
+        summary="List revocations in order (viewer)",
+        responses=problems(401, 403),
+    )
+    async def list_revocations(
+        self,
+        principal: PrincipalDep,
+        services: ServicesDep,
+        since: Since = None,
+        limit: Limit = 100,
+        cursor: Cursor = None,
+    ) -> Page:
+        require_operator(principal, READ)
+        items = await repo.list_revocations(services.db, since=since, after_seq=cursor, limit=limit)
+        return Page(items=items, next_cursor=str(items[-1].seq) if len(items) == limit else None)
+
+    @get(
+        "/audit",
+        operation_id="listAudit",
+        summary="The audit log, oldest first (viewer)",
+        responses=problems(401, 403),
+    )
+    async def list_audit(
+        self,
+        principal: PrincipalDep,
+        services: ServicesDep,
+        since: Since = None,
+        limit: Limit = 100,
+        cursor: Cursor = None,
+    ) -> Page:
+        require_operator(principal, READ)
+        items = await repo.list_audit(services.db, since=since, after_seq=cursor, limit=limit)
+        return Page(items=items, next_cursor=str(items[-1].seq) if len(items) == limit else None)

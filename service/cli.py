@@ -1,0 +1,417 @@
+"""The ``killswitch`` command line.
+
+``serve`` runs the service. Every other command is a thin client of the HTTP API
+(``--url``/``KS_URL``, ``--token``/``KS_TOKEN``), so the running service stays the only
+writer and its in-memory state never goes stale — except ``operators add --offline`` and
+``keys rotate --offline``, which work on the database and key directory directly for
+bootstrap and recovery when no service runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import textwrap
+from typing import Any, NoReturn
+
+import httpx
+
+from service.config import Settings, describe
+from service.errors import KillSwitchError
+
+EPILOG = """\
+environment:
+  KS_URL     service URL for client commands (default http://127.0.0.1:8080)
+  KS_TOKEN   operator token for client commands (printed by the first `killswitch serve`)
+  KS_*       service settings; `killswitch config` lists them all
+"""
+
+
+def _die(message: str, code: int = 1) -> NoReturn:
+    print(f"killswitch: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from service.app import create_app
+    from service.core import Services
+
+    settings = Settings.from_env().with_overrides(
+        host=args.host, port=args.port, data_dir=args.data_dir, database_url=args.database_url
+    )
+    settings.validate()
+
+    def on_ready(services: Services) -> None:
+        s = services.settings
+        lines = [
+            f"killswitch serving on http://{s.host}:{s.port}",
+            f"  issuer      {s.effective_issuer}",
+            f"  database    {_redact_url(s.effective_database_url)}",
+            f"  signing key {services.keys.active.kid} ({services.keys.active.alg})",
+            f"  OpenAPI     http://{s.host}:{s.port}/schema/openapi.json",
+        ]
+        if services.bootstrap_admin_token is not None:
+            lines += [
+                "",
+                "  Bootstrap admin token (shown once, store it now):",
+                f"    export KS_TOKEN={services.bootstrap_admin_token}",
+            ]
+        print("\n".join(lines), flush=True)
+
+    app = create_app(settings, on_ready=on_ready)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=args.access_log,
+        loop="uvloop" if sys.platform != "win32" else "asyncio",
+        http="httptools",
+        lifespan="on",
+    )
+
+
+def _redact_url(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+# --------------------------------------------------------------------------- API client
+
+
+class Api:
+    def __init__(self, url: str, token: str | None) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+
+    def call(self, method: str, path: str, body: Any = None, params: Any = None) -> Any:
+        if not self.token:
+            _die("no operator token: pass --token or set KS_TOKEN", 2)
+        try:
+            response = httpx.request(
+                method,
+                self.url + path,
+                json=body,
+                params=params,
+                headers={"Authorization": f"Bearer {self.token}"},
+                timeout=30,
+            )
+        except httpx.HTTPError as exc:
+            _die(
+                f"cannot reach killswitch at {self.url} ({exc}); is `killswitch serve` running?", 2
+            )
+        if response.status_code >= 400:
+            try:
+                problem = response.json()
+                detail = f"{problem.get('title')}: {problem.get('detail')}"
+                for item in problem.get("offending", []) or []:
+                    detail += f"\n  - {item}"
+            except ValueError:
+                detail = response.text[:500]
+            _die(f"HTTP {response.status_code} {detail}")
+        return response.json() if response.content else None
+
+
+def _api(args: argparse.Namespace) -> Api:
+    return Api(args.url, args.token)
+
+
+def _print(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=False))
+
+
+def _scope(args: argparse.Namespace) -> dict[str, Any]:
+    limits = {
+        k: v
+        for k, v in {
+            "max_calls": args.max_calls,
+            "max_bytes_out": args.max_bytes_out,
+            "max_rate": args.max_rate,
+        }.items()
+        if v is not None
+    }
+    return {"grants": args.grant, "audiences": args.audience or [], "limits": limits}
+
+
+def cmd_agents_add(args: argparse.Namespace) -> None:
+    body: dict[str, Any] = {"id": args.agent_id, "name": args.name or "", "ceiling": _scope(args)}
+    if args.max_ttl:
+        body["max_task_ttl"] = args.max_ttl
+    if args.public_jwk:
+        with open(args.public_jwk) as fh:
+            body["public_jwk"] = json.load(fh)
+    if args.no_secret:
+        body["issue_secret"] = False
+    created = _api(args).call("POST", "/v1/agents", body)
+    _print(created["agent"])
+    if created.get("client_secret"):
+        print(f"\nclient secret (shown once): {created['client_secret']}", file=sys.stderr)
+
+
+def cmd_agents_list(args: argparse.Namespace) -> None:
+    page = _api(args).call("GET", "/v1/agents", params={"limit": args.limit})
+    for agent in page["items"]:
+        grants = " ".join(agent["ceiling"]["grants"])
+        print(f"{agent['id']:<24} {agent['status']:<10} {grants}")
+
+
+def cmd_agents_suspend(args: argparse.Namespace) -> None:
+    _print(_api(args).call("POST", f"/v1/agents/{args.agent_id}/suspend", {"reason": args.reason}))
+
+
+def cmd_agents_reinstate(args: argparse.Namespace) -> None:
+    _print(
+        _api(args).call("POST", f"/v1/agents/{args.agent_id}/reinstate", {"reason": args.reason})
+    )
+
+
+def cmd_operators_add(args: argparse.Namespace) -> None:
+    body = {"name": args.name, "role": args.role}
+    if args.audience:
+        body["audience"] = args.audience
+    if args.offline:
+        created = asyncio.run(_operators_add_offline(body))
+    else:
+        created = _api(args).call("POST", "/v1/operators", body)
+    _print(created["operator"])
+    print(f"\noperator token (shown once): {created['token']}", file=sys.stderr)
+
+
+async def _operators_add_offline(body: dict[str, Any]) -> dict[str, Any]:
+    import msgspec
+
+    from service import operators
+    from service.contracts import CreateOperator
+    from service.core import start
+
+    services = await start(Settings.from_env())
+    try:
+        request = msgspec.convert(body, CreateOperator)
+        created = await operators.create(services, request, actor="cli:offline")
+        result: dict[str, Any] = msgspec.to_builtins(created)
+        return result
+    finally:
+        await services.close()
+
+
+def cmd_revoke(args: argparse.Namespace) -> None:
+    target: dict[str, Any] = {"type": args.target}
+    if args.target == "credential":
+        target["jti"] = args.id
+    elif args.target == "task":
+        target["task_id"] = args.id
+    elif args.target == "agent":
+        target["agent_id"] = args.id
+    else:
+        if args.before is not None:
+            target["before"] = args.before
+        if args.agent:
+            target["agent_id"] = args.agent
+        if not args.yes:
+            scope = f"agent {args.agent}" if args.agent else "EVERY agent"
+            answer = input(f"Revoke every credential of {scope} issued before now? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                _die("aborted", 1)
+    _print(_api(args).call("POST", "/v1/revocations", {"target": target, "reason": args.reason}))
+
+
+def cmd_keys_list(args: argparse.Namespace) -> None:
+    for key in _api(args).call("GET", "/v1/keys"):
+        state = "active" if key["active"] else f"retired, published until {key['published_until']}"
+        print(f"{key['kid']}  {key['alg']:<6} {state}")
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> None:
+    if args.offline:
+        from service.clock import SystemClock
+        from service.credentials.keys import KeyStore
+
+        s = Settings.from_env()
+        store = KeyStore(
+            s.effective_key_dir,
+            alg=s.signing_alg,
+            clock=SystemClock(),
+            credential_ttl=s.credential_ttl,
+            leeway=s.leeway,
+        )
+        store.load_or_create()
+        new = store.rotate()
+        print(f"rotated: new signing key {new.kid} ({new.alg}) in {s.effective_key_dir}")
+        return
+    keys = _api(args).call("POST", "/v1/keys/rotate")
+    active = next(k for k in keys if k["active"])
+    print(f"rotated: new signing key {active['kid']} ({active['alg']})")
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    for _name, env, default, doc in describe():
+        print(f"{env:<26} default {default or '(empty)'!s:<20} {doc}")
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="killswitch",
+        description="Identity and task-scoped credentials for AI agents, with a kill switch.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument(
+        "--url",
+        default=os.environ.get("KS_URL", "http://127.0.0.1:8080"),
+        help="service URL (env KS_URL; default %(default)s)",
+    )
+    client.add_argument(
+        "--token", default=os.environ.get("KS_TOKEN"), help="operator token (env KS_TOKEN)"
+    )
+
+    p = sub.add_parser(
+        "serve",
+        help="run the service (HTTP API, JWKS, introspection)",
+        description="Run the killswitch service on its embedded defaults: a "
+        "SQLite file and a generated signing key under KS_DATA_DIR. The first "
+        "start prints a bootstrap admin token.",
+    )
+    p.add_argument("--host", help="bind address (env KS_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="bind port (env KS_PORT, default 8080)")
+    p.add_argument("--data-dir", help="data directory (env KS_DATA_DIR, default .killswitch)")
+    p.add_argument("--database-url", help="sqlite:///… or postgresql://… (env KS_DATABASE_URL)")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_serve)
+
+    agents = sub.add_parser("agents", help="register, list, suspend, reinstate agents")
+    asub = agents.add_subparsers(dest="agents_command", required=True, metavar="ACTION")
+    p = asub.add_parser(
+        "add",
+        parents=[client],
+        help="register an agent (admin)",
+        description="Register an agent with a scope ceiling. Prints the client secret once.",
+        epilog="example: killswitch agents add billing "
+        "--grant 'call:tool/invoices.*' --audience https://tools.internal",
+    )
+    p.add_argument("agent_id", help="agent id (A-Z a-z 0-9 . _ -, up to 64)")
+    p.add_argument(
+        "--grant",
+        action="append",
+        required=True,
+        help="grant <action>:<resource-pattern>; repeat for more (see docs/scopes.md)",
+    )
+    p.add_argument("--audience", action="append", help="allowed audience; repeat for more")
+    p.add_argument("--max-calls", type=int, help="ceiling on calls per task")
+    p.add_argument("--max-bytes-out", type=int, help="ceiling on bytes out per task")
+    p.add_argument("--max-rate", type=float, help="ceiling on calls per second")
+    p.add_argument("--max-ttl", type=int, help="longest task lifetime in seconds")
+    p.add_argument("--name", help="display name")
+    p.add_argument("--public-jwk", help="file with a public JWK for private_key_jwt")
+    p.add_argument("--no-secret", action="store_true", help="no client secret (key-only agent)")
+    p.set_defaults(func=cmd_agents_add)
+    p = asub.add_parser("list", parents=[client], help="list agents (viewer)")
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(func=cmd_agents_list)
+    for action, func, text in (
+        ("suspend", cmd_agents_suspend, "suspend an agent: revoke its tasks, refuse new ones"),
+        ("reinstate", cmd_agents_reinstate, "let a suspended agent open tasks again"),
+    ):
+        p = asub.add_parser(action, parents=[client], help=f"{text} (admin)")
+        p.add_argument("agent_id")
+        p.add_argument("--reason", required=True, help="why (kept in the audit log)")
+        p.set_defaults(func=func)
+
+    ops = sub.add_parser("operators", help="create operator tokens")
+    osub = ops.add_subparsers(dest="operators_command", required=True, metavar="ACTION")
+    p = osub.add_parser(
+        "add",
+        parents=[client],
+        help="create an operator (admin)",
+        description="Create an operator token. Roles: viewer (read), analyst "
+        "(+ revoke), admin (+ agents, operators, keys), detector (revoke, read "
+        "tasks), resource_server (introspect/revoke tokens for one audience).",
+    )
+    p.add_argument("name")
+    p.add_argument(
+        "--role",
+        required=True,
+        choices=["viewer", "analyst", "admin", "detector", "resource_server"],
+    )
+    p.add_argument("--audience", help="audience served (resource_server only)")
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="write to the database directly (no running service needed)",
+    )
+    p.set_defaults(func=cmd_operators_add)
+
+    p = sub.add_parser(
+        "revoke",
+        parents=[client],
+        help="revoke a credential, task, agent, or everything before a cut-off (analyst)",
+        description="Revoke by target. `cutoff` is the panic button: every "
+        "credential issued up to now (or --before), globally or for --agent.",
+        epilog=textwrap.dedent("""\
+                           examples:
+                             killswitch revoke task 01jc... --reason 'exfiltration alert'
+                             killswitch revoke agent billing --reason 'compromised host'
+                             killswitch revoke cutoff --reason 'key leak' --yes"""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("target", choices=["credential", "task", "agent", "cutoff"])
+    p.add_argument("id", nargs="?", help="jti, task id or agent id (not for cutoff)")
+    p.add_argument("--reason", required=True, help="why (kept in the audit log)")
+    p.add_argument("--before", type=float, help="cutoff: epoch seconds (default now)")
+    p.add_argument("--agent", help="cutoff: only this agent")
+    p.add_argument("--yes", action="store_true", help="cutoff: do not ask for confirmation")
+    p.set_defaults(func=cmd_revoke)
+
+    keys = sub.add_parser("keys", help="list or rotate signing keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    p = ksub.add_parser("list", parents=[client], help="published signing keys (viewer)")
+    p.set_defaults(func=cmd_keys_list)
+    p = ksub.add_parser(
+        "rotate",
+        parents=[client],
+        help="rotate the signing key (admin)",
+        description="Make a new key the signer. The old public key stays in "
+        "the JWKS until every token it signed has expired.",
+    )
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="rotate in the key directory directly; a running service picks it up",
+    )
+    p.set_defaults(func=cmd_keys_rotate)
+
+    p = sub.add_parser("config", help="list every KS_* setting with its default")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "target", None) in ("credential", "task", "agent") and not args.id:
+        parser.error(f"revoke {args.target} needs an id")
+    try:
+        args.func(args)
+    except KillSwitchError as exc:
+        _die(exc.detail)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

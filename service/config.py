@@ -1,0 +1,194 @@
+"""Configuration: one frozen object, read from ``KS_*`` environment variables once.
+
+Nothing else in killswitch reads ``os.environ``; components receive a :class:`Settings`
+(or the few fields they need). Every field is documented below and in
+docs/operations.md: name, environment variable, default.
+
+Secrets are wrapped in :class:`Secret`, whose repr never shows the value.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from service.errors import ClientError
+
+
+class Secret:
+    """A string that never appears in a repr, a log line or a traceback."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+SIGNING_ALGORITHMS = ("EdDSA", "ES256")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Every knob killswitch has. ``env`` metadata names the variable that sets it."""
+
+    data_dir: Path = field(
+        default=Path(".killswitch"),
+        metadata={"env": "KS_DATA_DIR", "doc": "Where the SQLite file and signing keys live."},
+    )
+    database_url: str = field(
+        default="",
+        metadata={
+            "env": "KS_DATABASE_URL",
+            "doc": "sqlite:///path/to.db or postgresql://user:pass@host:port/db; "
+            "empty means sqlite:///<data_dir>/killswitch.db",
+        },
+    )
+    key_dir: Path | None = field(
+        default=None,
+        metadata={"env": "KS_KEY_DIR", "doc": "Signing key directory; default <data_dir>/keys."},
+    )
+    host: str = field(default="127.0.0.1", metadata={"env": "KS_HOST", "doc": "Bind address."})
+    port: int = field(default=8080, metadata={"env": "KS_PORT", "doc": "Bind port."})
+    issuer: str = field(
+        default="",
+        metadata={
+            "env": "KS_ISSUER",
+            "doc": "The `iss` of every credential and the RFC 8414 issuer; "
+            "empty means http://<host>:<port>",
+        },
+    )
+    trust_domain: str = field(
+        default="killswitch.local",
+        metadata={"env": "KS_TRUST_DOMAIN", "doc": "SPIFFE trust domain of task identities."},
+    )
+    signing_alg: str = field(
+        default="EdDSA",
+        metadata={"env": "KS_SIGNING_ALG", "doc": "EdDSA (Ed25519) or ES256 (P-256)."},
+    )
+    credential_ttl: int = field(
+        default=300,
+        metadata={
+            "env": "KS_CREDENTIAL_TTL",
+            "doc": "Lifetime of one credential in seconds (always capped by the task deadline).",
+        },
+    )
+    default_task_ttl: int = field(
+        default=900,
+        metadata={"env": "KS_DEFAULT_TASK_TTL", "doc": "Task lifetime when the request omits it."},
+    )
+    max_task_ttl: int = field(
+        default=86_400,
+        metadata={"env": "KS_MAX_TASK_TTL", "doc": "Upper bound on any task lifetime (seconds)."},
+    )
+    leeway: int = field(
+        default=5,
+        metadata={"env": "KS_LEEWAY", "doc": "Clock skew tolerated on exp/nbf (seconds)."},
+    )
+    max_body_bytes: int = field(
+        default=65_536,
+        metadata={"env": "KS_MAX_BODY_BYTES", "doc": "Largest accepted request body."},
+    )
+    bootstrap_admin_token: Secret | None = field(
+        default=None,
+        metadata={
+            "env": "KS_BOOTSTRAP_ADMIN_TOKEN",
+            "doc": "If set and no admin exists, this token becomes the first admin's; "
+            "otherwise one is generated and printed once.",
+        },
+    )
+    log_level: str = field(default="info", metadata={"env": "KS_LOG_LEVEL", "doc": "Log level."})
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'killswitch.db'}"
+
+    @property
+    def effective_key_dir(self) -> Path:
+        return self.key_dir or self.data_dir / "keys"
+
+    @property
+    def effective_issuer(self) -> str:
+        return (self.issuer or f"http://{self.host}:{self.port}").rstrip("/")
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f.metadata["env"])
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _coerce(f.name, f.metadata["env"], raw)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.signing_alg not in SIGNING_ALGORITHMS:
+            raise ClientError(
+                f"KS_SIGNING_ALG must be one of {', '.join(SIGNING_ALGORITHMS)}, "
+                f"not {self.signing_alg!r}"
+            )
+        for name in ("credential_ttl", "default_task_ttl", "max_task_ttl", "max_body_bytes"):
+            if getattr(self, name) <= 0:
+                raise ClientError(f"{name} must be positive")
+        if self.default_task_ttl > self.max_task_ttl:
+            raise ClientError("KS_DEFAULT_TASK_TTL must not exceed KS_MAX_TASK_TTL")
+        url = self.effective_database_url
+        if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ClientError(
+                "KS_DATABASE_URL must start with sqlite:/// or postgresql:// "
+                f"(got {url.split(':', 1)[0]}:...)"
+            )
+
+
+_INT_FIELDS = {
+    "port",
+    "credential_ttl",
+    "default_task_ttl",
+    "max_task_ttl",
+    "leeway",
+    "max_body_bytes",
+}
+
+
+def _coerce(name: str, env: str, raw: str) -> Any:
+    if name in _INT_FIELDS:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ClientError(f"{env} must be an integer, got {raw!r}") from None
+    if name in ("data_dir", "key_dir"):
+        return Path(raw)
+    if name == "bootstrap_admin_token":
+        return Secret(raw)
+    return raw
+
+
+def describe() -> list[tuple[str, str, str, str]]:
+    """(field, env var, default, doc) for every setting: used by docs and ``--help``."""
+    rows = []
+    for f in fields(Settings):
+        default = "" if f.default is None else str(f.default)
+        rows.append((f.name, f.metadata["env"], default, f.metadata["doc"]))
+    return rows

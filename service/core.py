@@ -1,0 +1,78 @@
+"""The running control plane's parts, wired once at start and handed to every edge.
+
+:func:`start` opens the database, applies migrations, loads (or creates) signing keys,
+rebuilds the in-memory deny state and makes sure an admin exists. Nothing here speaks
+HTTP: the litestar app and the CLI both sit on top of :class:`Services`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from service.clock import Clock, SystemClock
+from service.config import Settings
+from service.credentials.keys import KeyStore
+from service.credentials.rfc9068 import TokenVerifier
+from service.identity import validate_trust_domain
+from service.metrics import Metrics
+from service.revocation import DenyState, Revoker
+from service.storage.database import Database, open_database
+from service.storage.migrations import migrate
+
+log = logging.getLogger("killswitch")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    clock: Clock
+    db: Database
+    keys: KeyStore
+    verifier: TokenVerifier
+    deny: DenyState
+    revoker: Revoker
+    metrics: Metrics
+    bootstrap_admin_token: str | None = None
+    """Set only on the start that created the first admin; printed once, never logged."""
+
+    async def close(self) -> None:
+        await self.db.close()
+
+
+async def start(settings: Settings, clock: Clock | None = None) -> Services:
+    from service.operators import ensure_admin
+
+    clock = clock or SystemClock()
+    validate_trust_domain(settings.trust_domain)
+    db = await open_database(settings.effective_database_url)
+    try:
+        applied = await migrate(db)
+        if applied:
+            log.info("applied migrations %s", applied)
+        keys = KeyStore(
+            settings.effective_key_dir,
+            alg=settings.signing_alg,
+            clock=clock,
+            credential_ttl=settings.credential_ttl,
+            leeway=settings.leeway,
+        )
+        keys.load_or_create()
+        deny = await DenyState.load(db, clock.now())
+        services = Services(
+            settings=settings,
+            clock=clock,
+            db=db,
+            keys=keys,
+            verifier=TokenVerifier(
+                keys, issuer=settings.effective_issuer, clock=clock, leeway=settings.leeway
+            ),
+            deny=deny,
+            revoker=Revoker(db, deny, clock, settings.leeway),
+            metrics=Metrics(),
+        )
+        services.bootstrap_admin_token = await ensure_admin(services)
+    except BaseException:
+        await db.close()
+        raise
+    return services

@@ -1,0 +1,97 @@
+"""The killswitch error tree: every domain failure is one of these.
+
+Services raise these; exactly one place (``service.api.problems``) turns them into
+RFC 9457 problem details on HTTP, and the CLI prints them as one-line messages.
+Nothing in this module performs I/O.
+
+::
+
+    KillSwitchError                      500  something we did not expect
+    ├── ClientError                      400  the request itself is wrong
+    │   ├── ScopeSyntaxError             400  a grant or pattern does not parse
+    │   ├── ScopeViolation               403  declared scope exceeds ceiling/parent
+    │   └── PayloadTooLarge              413  body over the configured limit
+    ├── AuthenticationError              401  missing/bad credentials (operator, agent)
+    ├── PermissionDenied                 403  authenticated, but the role may not do this
+    ├── NotFound                         404  no such thing (or you may not know it exists)
+    ├── Conflict                         409  state forbids it (task closed, agent suspended)
+    └── TokenRejected                    401  a presented access token failed verification
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+class KillSwitchError(Exception):
+    """Base of every error killswitch raises on purpose."""
+
+    status: int = 500
+    type_slug: str = "internal-error"
+    title: str = "Internal error"
+
+    def __init__(self, detail: str, *, extra: Mapping[str, Any] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra: dict[str, Any] = dict(extra or {})
+
+
+class ClientError(KillSwitchError):
+    status = 400
+    type_slug = "bad-request"
+    title = "Bad request"
+
+
+class ScopeSyntaxError(ClientError):
+    type_slug = "invalid-scope"
+    title = "Invalid scope"
+
+
+class ScopeViolation(ClientError):
+    """A declared scope asks for more than the ceiling (or the parent task) allows.
+
+    ``extra["offending"]`` lists the grants, audiences and limits that exceed it.
+    """
+
+    status = 403
+    type_slug = "scope-violation"
+    title = "Scope exceeds what is allowed"
+
+
+class PayloadTooLarge(ClientError):
+    status = 413
+    type_slug = "payload-too-large"
+    title = "Payload too large"
+
+
+class AuthenticationError(KillSwitchError):
+    status = 401
+    type_slug = "unauthenticated"
+    title = "Authentication required"
+
+
+class PermissionDenied(KillSwitchError):
+    status = 403
+    type_slug = "forbidden"
+    title = "Forbidden"
+
+
+class NotFound(KillSwitchError):
+    status = 404
+    type_slug = "not-found"
+    title = "Not found"
+
+
+class Conflict(KillSwitchError):
+    status = 409
+    type_slug = "conflict"
+    title = "Conflict"
+
+
+class TokenRejected(KillSwitchError):
+    """A presented access token failed verification (signature, claims or status)."""
+
+    status = 401
+    type_slug = "token-rejected"
+    title = "Token rejected"

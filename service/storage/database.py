@@ -1,0 +1,195 @@
+"""The database port and its two real implementations: SQLite (WAL) and PostgreSQL.
+
+SQL in killswitch is written once, with ``?`` placeholders, in ``service.storage.repository``;
+this module only knows how to run it. PostgreSQL statements are rewritten to ``$n``
+placeholders once per distinct statement (cached), never per call.
+
+SQLite runs on the event-loop thread: a statement on a local WAL file with
+``synchronous=NORMAL`` costs tens of microseconds, less than a hop to a worker thread.
+A lock serialises transactions so two requests never interleave statements inside one.
+Nothing here knows about tasks, agents or HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol
+
+import asyncpg
+
+Row = dict[str, Any]
+
+
+class Database(Protocol):
+    dialect: str
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run one statement; returns the number of rows it changed."""
+        ...
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None: ...
+
+    def transaction(self) -> Any:
+        """``async with db.transaction() as tx:`` — tx is a Database bound to one transaction."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def _dict_row(cursor: sqlite3.Cursor, row: Sequence[Any]) -> Row:
+    return {d[0]: v for d, v in zip(cursor.description, row, strict=True)}
+
+
+class SqliteDatabase:
+    dialect = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so autocommit outside.
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._conn.row_factory = _dict_row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        self._lock = asyncio.Lock()
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        async with self._lock:
+            return self._conn.execute(sql, args).rowcount
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        async with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
+        async with self._lock:
+            row: Row | None = self._conn.execute(sql, args).fetchone()
+            return row
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[_SqliteTx]:
+        async with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield _SqliteTx(self._conn)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            else:
+                self._conn.execute("COMMIT")
+
+    async def close(self) -> None:
+        self._conn.close()
+
+
+class _SqliteTx:
+    dialect = "sqlite"
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        return self._conn.execute(sql, args).rowcount
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        return self._conn.execute(sql, args).fetchall()
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
+        row: Row | None = self._conn.execute(sql, args).fetchone()
+        return row
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[_SqliteTx]:
+        yield self  # already inside one
+
+    async def close(self) -> None:
+        return None
+
+
+_PLACEHOLDER = re.compile(r"\?")
+
+
+@lru_cache(maxsize=512)
+def to_numbered(sql: str) -> str:
+    """Rewrite ``?`` placeholders to PostgreSQL's ``$1, $2, ...``."""
+    counter = iter(range(1, 10_000))
+    return _PLACEHOLDER.sub(lambda _m: f"${next(counter)}", sql)
+
+
+def _rowcount(status: str) -> int:
+    # asyncpg returns the command tag, e.g. "UPDATE 3" or "INSERT 0 1".
+    tail = status.rsplit(" ", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+class PostgresDatabase:
+    dialect = "postgresql"
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def connect(cls, url: str, *, min_size: int = 2, max_size: int = 10) -> PostgresDatabase:
+        pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size)
+        return cls(pool)
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        return _rowcount(await self._pool.execute(to_numbered(sql), *args))
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        return [dict(r) for r in await self._pool.fetch(to_numbered(sql), *args)]
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
+        row = await self._pool.fetchrow(to_numbered(sql), *args)
+        return None if row is None else dict(row)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[_PostgresTx]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            yield _PostgresTx(conn)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
+class _PostgresTx:
+    dialect = "postgresql"
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        return _rowcount(await self._conn.execute(to_numbered(sql), *args))
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        return [dict(r) for r in await self._conn.fetch(to_numbered(sql), *args)]
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
+        row = await self._conn.fetchrow(to_numbered(sql), *args)
+        return None if row is None else dict(row)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[_PostgresTx]:
+        yield self
+
+    async def close(self) -> None:
+        return None
+
+
+async def open_database(url: str) -> Database:
+    """Open the database a ``KS_DATABASE_URL`` names."""
+    if url.startswith("sqlite:///"):
+        return SqliteDatabase(Path(url.removeprefix("sqlite:///")))
+    if url.startswith(("postgresql://", "postgres://")):
+        return await PostgresDatabase.connect(url)
+    raise ValueError(f"unsupported database URL scheme: {url.split(':', 1)[0]}")

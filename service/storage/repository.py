@@ -1,0 +1,482 @@
+"""The repository: every SQL statement killswitch runs, and nothing else.
+
+Methods take a :class:`~service.storage.database.Database` handle (the pool or an open
+transaction), so a service function decides what is atomic and the repository decides
+how it is spelled. Rows come back as contract records; JSON columns are encoded and
+decoded here. Secrets and tokens arrive already hashed: this module never sees one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from service.contracts import (
+    AgentRecord,
+    AgentStatus,
+    AuditEntry,
+    OperatorRecord,
+    RevocationSource,
+    RevocationTarget,
+    RevocationView,
+    Role,
+    TaskRecord,
+    TaskStatus,
+)
+from service.scopes import ScopeSpec
+from service.storage.database import Database, Row
+
+_encode = msgspec.json.encode
+_scope_decoder = msgspec.json.Decoder(ScopeSpec)
+_jwk_decoder = msgspec.json.Decoder(dict[str, Any])
+_target_decoder = msgspec.json.Decoder(RevocationTarget)
+
+
+def _in(values: Sequence[Any]) -> str:
+    return ",".join("?" * len(values))
+
+
+# --------------------------------------------------------------------------- agents
+
+
+def _agent(row: Row) -> AgentRecord:
+    return AgentRecord(
+        id=row["id"],
+        name=row["name"],
+        ceiling=_scope_decoder.decode(row["ceiling"]),
+        max_task_ttl=row["max_task_ttl"],
+        secret_hash=row["secret_hash"],
+        public_jwk=_jwk_decoder.decode(row["public_jwk"]) if row["public_jwk"] else None,
+        status=AgentStatus(row["status"]),
+        created_at=row["created_at"],
+        suspended_at=row["suspended_at"],
+        suspend_reason=row["suspend_reason"],
+    )
+
+
+async def insert_agent(db: Database, agent: AgentRecord) -> bool:
+    """Insert; False when the id is taken."""
+    changed = await db.execute(
+        "INSERT INTO agents (id, name, ceiling, max_task_ttl, secret_hash, public_jwk, status,"
+        " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+        agent.id,
+        agent.name,
+        _encode(agent.ceiling).decode(),
+        agent.max_task_ttl,
+        agent.secret_hash,
+        _encode(agent.public_jwk).decode() if agent.public_jwk else None,
+        agent.status.value,
+        agent.created_at,
+    )
+    return changed == 1
+
+
+async def get_agent(db: Database, agent_id: str) -> AgentRecord | None:
+    row = await db.fetchrow("SELECT * FROM agents WHERE id = ?", agent_id)
+    return None if row is None else _agent(row)
+
+
+async def list_agents(db: Database, *, after: str | None, limit: int) -> list[AgentRecord]:
+    rows = await db.fetch(
+        "SELECT * FROM agents WHERE id > ? ORDER BY id LIMIT ?", after or "", limit
+    )
+    return [_agent(r) for r in rows]
+
+
+async def set_agent_status(
+    db: Database, agent_id: str, status: AgentStatus, *, at: float | None, reason: str | None
+) -> int:
+    return await db.execute(
+        "UPDATE agents SET status = ?, suspended_at = ?, suspend_reason = ? WHERE id = ?",
+        status.value,
+        at,
+        reason,
+        agent_id,
+    )
+
+
+# --------------------------------------------------------------------------- operators
+
+
+def _operator(row: Row) -> OperatorRecord:
+    return OperatorRecord(
+        id=row["id"],
+        name=row["name"],
+        role=Role(row["role"]),
+        audience=row["audience"],
+        created_at=row["created_at"],
+        disabled_at=row["disabled_at"],
+    )
+
+
+async def insert_operator(db: Database, op: OperatorRecord, token_hash: str) -> bool:
+    changed = await db.execute(
+        "INSERT INTO operators (id, name, role, audience, token_hash, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        op.id,
+        op.name,
+        op.role.value,
+        op.audience,
+        token_hash,
+        op.created_at,
+    )
+    return changed == 1
+
+
+async def operator_by_token_hash(db: Database, token_hash: str) -> OperatorRecord | None:
+    row = await db.fetchrow(
+        "SELECT * FROM operators WHERE token_hash = ? AND disabled_at IS NULL", token_hash
+    )
+    return None if row is None else _operator(row)
+
+
+async def list_operators(db: Database) -> list[OperatorRecord]:
+    return [_operator(r) for r in await db.fetch("SELECT * FROM operators ORDER BY name")]
+
+
+async def count_admins(db: Database) -> int:
+    row = await db.fetchrow(
+        "SELECT COUNT(*) AS n FROM operators WHERE role = ? AND disabled_at IS NULL",
+        Role.ADMIN.value,
+    )
+    return int(row["n"]) if row else 0
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def _task(row: Row) -> TaskRecord:
+    return TaskRecord(
+        id=row["id"],
+        agent_id=row["agent_id"],
+        parent_id=row["parent_id"],
+        spiffe_id=row["spiffe_id"],
+        scope=_scope_decoder.decode(row["scope"]),
+        purpose=row["purpose"],
+        status=TaskStatus(row["status"]),
+        created_at=row["created_at"],
+        deadline=row["deadline"],
+        closed_at=row["closed_at"],
+        close_reason=row["close_reason"],
+        dpop_jkt=row["dpop_jkt"],
+    )
+
+
+async def insert_task(db: Database, task: TaskRecord) -> None:
+    await db.execute(
+        "INSERT INTO tasks (id, agent_id, parent_id, spiffe_id, scope, purpose, status,"
+        " created_at, deadline, dpop_jkt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        task.id,
+        task.agent_id,
+        task.parent_id,
+        task.spiffe_id,
+        _encode(task.scope).decode(),
+        task.purpose,
+        task.status.value,
+        task.created_at,
+        task.deadline,
+        task.dpop_jkt,
+    )
+
+
+async def get_task(db: Database, task_id: str) -> TaskRecord | None:
+    row = await db.fetchrow("SELECT * FROM tasks WHERE id = ?", task_id)
+    return None if row is None else _task(row)
+
+
+async def list_tasks(
+    db: Database,
+    *,
+    agent_id: str | None,
+    status: TaskStatus | None,
+    before: str | None,
+    limit: int,
+) -> list[TaskRecord]:
+    """Newest first (task ids sort by creation time), ``before`` is the cursor."""
+    clauses, args = ["id < ?"], [before or "~"]
+    if agent_id is not None:
+        clauses.append("agent_id = ?")
+        args.append(agent_id)
+    if status is not None:
+        clauses.append("status = ?")
+        args.append(status.value)
+    rows = await db.fetch(
+        f"SELECT * FROM tasks WHERE {' AND '.join(clauses)} ORDER BY id DESC LIMIT ?",
+        *args,
+        limit,
+    )
+    return [_task(r) for r in rows]
+
+
+async def task_and_descendants(db: Database, task_id: str) -> list[str]:
+    rows = await db.fetch(
+        "WITH RECURSIVE tree(id) AS (SELECT id FROM tasks WHERE id = ?"
+        " UNION SELECT t.id FROM tasks t JOIN tree ON t.parent_id = tree.id)"
+        " SELECT id FROM tree",
+        task_id,
+    )
+    return [r["id"] for r in rows]
+
+
+async def active_tasks_of_agent(db: Database, agent_id: str) -> list[str]:
+    rows = await db.fetch(
+        "SELECT id FROM tasks WHERE agent_id = ? AND status = ?", agent_id, TaskStatus.ACTIVE.value
+    )
+    return [r["id"] for r in rows]
+
+
+async def active_tasks_created_before(
+    db: Database, cutoff: float, agent_id: str | None
+) -> list[str]:
+    if agent_id is None:
+        rows = await db.fetch(
+            "SELECT id FROM tasks WHERE status = ? AND created_at <= ?",
+            TaskStatus.ACTIVE.value,
+            cutoff,
+        )
+    else:
+        rows = await db.fetch(
+            "SELECT id FROM tasks WHERE status = ? AND created_at <= ? AND agent_id = ?",
+            TaskStatus.ACTIVE.value,
+            cutoff,
+            agent_id,
+        )
+    return [r["id"] for r in rows]
+
+
+async def close_tasks(
+    db: Database, task_ids: Sequence[str], status: TaskStatus, *, at: float, reason: str
+) -> int:
+    """Move still-active tasks to a final status; closed tasks keep their first ending."""
+    if not task_ids:
+        return 0
+    return await db.execute(
+        f"UPDATE tasks SET status = ?, closed_at = ?, close_reason = ?"
+        f" WHERE status = ? AND id IN ({_in(task_ids)})",
+        status.value,
+        at,
+        reason,
+        TaskStatus.ACTIVE.value,
+        *task_ids,
+    )
+
+
+async def recently_closed_tasks(db: Database, since: float) -> list[tuple[str, str]]:
+    rows = await db.fetch(
+        "SELECT id, status FROM tasks WHERE closed_at IS NOT NULL AND closed_at >= ?", since
+    )
+    return [(r["id"], r["status"]) for r in rows]
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+async def insert_credential(
+    db: Database, *, jti_hash: str, task_id: str, kid: str, issued_at: float, expires_at: float
+) -> None:
+    await db.execute(
+        "INSERT INTO credentials (jti_hash, task_id, kid, issued_at, expires_at)"
+        " VALUES (?, ?, ?, ?, ?)",
+        jti_hash,
+        task_id,
+        kid,
+        issued_at,
+        expires_at,
+    )
+
+
+async def get_credential(db: Database, jti_hash: str) -> Row | None:
+    return await db.fetchrow("SELECT * FROM credentials WHERE jti_hash = ?", jti_hash)
+
+
+async def credentials_of_task(db: Database, task_id: str) -> list[Row]:
+    return await db.fetch(
+        "SELECT jti_hash, kid, issued_at, expires_at, revoked_at FROM credentials"
+        " WHERE task_id = ? ORDER BY issued_at",
+        task_id,
+    )
+
+
+async def revoke_credential(db: Database, jti_hash: str, *, at: float) -> int:
+    return await db.execute(
+        "UPDATE credentials SET revoked_at = ? WHERE jti_hash = ? AND revoked_at IS NULL",
+        at,
+        jti_hash,
+    )
+
+
+async def revoke_credentials_of_tasks(db: Database, task_ids: Sequence[str], *, at: float) -> int:
+    if not task_ids:
+        return 0
+    return await db.execute(
+        f"UPDATE credentials SET revoked_at = ?"
+        f" WHERE revoked_at IS NULL AND expires_at > ? AND task_id IN ({_in(task_ids)})",
+        at,
+        at,
+        *task_ids,
+    )
+
+
+async def revoke_credentials_issued_before(
+    db: Database, cutoff: float, agent_id: str | None, *, at: float
+) -> int:
+    if agent_id is None:
+        return await db.execute(
+            "UPDATE credentials SET revoked_at = ?"
+            " WHERE revoked_at IS NULL AND expires_at > ? AND issued_at <= ?",
+            at,
+            at,
+            cutoff,
+        )
+    return await db.execute(
+        "UPDATE credentials SET revoked_at = ? WHERE revoked_at IS NULL AND expires_at > ?"
+        " AND issued_at <= ? AND task_id IN (SELECT id FROM tasks WHERE agent_id = ?)",
+        at,
+        at,
+        cutoff,
+        agent_id,
+    )
+
+
+async def live_revoked_credentials(db: Database, now: float) -> list[str]:
+    rows = await db.fetch(
+        "SELECT jti_hash FROM credentials WHERE revoked_at IS NOT NULL AND expires_at > ?", now
+    )
+    return [r["jti_hash"] for r in rows]
+
+
+async def latest_expiry_for_kid(db: Database, kid: str) -> float | None:
+    row = await db.fetchrow("SELECT MAX(expires_at) AS m FROM credentials WHERE kid = ?", kid)
+    return None if row is None or row["m"] is None else float(row["m"])
+
+
+# --------------------------------------------------------------------------- revocations
+
+
+def _revocation(row: Row) -> RevocationView:
+    return RevocationView(
+        id=row["id"],
+        seq=row["seq"],
+        target=_target_decoder.decode(row["target"]),
+        reason=row["reason"],
+        actor=row["actor"],
+        source=RevocationSource(row["source"]),
+        created_at=row["created_at"],
+        affected_tasks=row["affected_tasks"],
+        affected_credentials=row["affected_credentials"],
+    )
+
+
+async def insert_revocation(
+    db: Database,
+    *,
+    revocation_id: str,
+    target: RevocationTarget,
+    target_type: str,
+    agent_id: str | None,
+    task_id: str | None,
+    jti_hash: str | None,
+    cutoff: float | None,
+    reason: str,
+    actor: str,
+    source: RevocationSource,
+    created_at: float,
+    affected_tasks: int,
+    affected_credentials: int,
+) -> RevocationView:
+    row = await db.fetchrow(
+        "INSERT INTO revocations (id, target_type, target, agent_id, task_id, jti_hash, cutoff,"
+        " reason, actor, source, created_at, affected_tasks, affected_credentials)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+        revocation_id,
+        target_type,
+        _encode(target).decode(),
+        agent_id,
+        task_id,
+        jti_hash,
+        cutoff,
+        reason,
+        actor,
+        source.value,
+        created_at,
+        affected_tasks,
+        affected_credentials,
+    )
+    assert row is not None  # RETURNING always yields the inserted row
+    return _revocation(row)
+
+
+async def list_revocations(
+    db: Database, *, since: float | None, after_seq: int | None, limit: int
+) -> list[RevocationView]:
+    rows = await db.fetch(
+        "SELECT * FROM revocations WHERE created_at >= ? AND seq > ? ORDER BY seq LIMIT ?",
+        since if since is not None else 0.0,
+        after_seq or 0,
+        limit,
+    )
+    return [_revocation(r) for r in rows]
+
+
+async def cutoffs(db: Database) -> list[tuple[str | None, float]]:
+    """(agent id or None for global, cut-off) of every cut-off and agent revocation."""
+    rows = await db.fetch(
+        "SELECT agent_id, MAX(cutoff) AS cutoff FROM revocations"
+        " WHERE cutoff IS NOT NULL GROUP BY agent_id"
+    )
+    return [(r["agent_id"], float(r["cutoff"])) for r in rows]
+
+
+# --------------------------------------------------------------------------- audit
+
+
+async def append_audit(
+    db: Database, *, at: float, actor: str, action: str, subject: str, detail: dict[str, Any]
+) -> None:
+    await db.execute(
+        "INSERT INTO audit_log (at, actor, action, subject, detail) VALUES (?, ?, ?, ?, ?)",
+        at,
+        actor,
+        action,
+        subject,
+        _encode(detail).decode(),
+    )
+
+
+async def list_audit(
+    db: Database, *, since: float | None, after_seq: int | None, limit: int
+) -> list[AuditEntry]:
+    rows = await db.fetch(
+        "SELECT * FROM audit_log WHERE at >= ? AND seq > ? ORDER BY seq LIMIT ?",
+        since if since is not None else 0.0,
+        after_seq or 0,
+        limit,
+    )
+    return [
+        AuditEntry(
+            seq=r["seq"],
+            at=r["at"],
+            actor=r["actor"],
+            action=r["action"],
+            subject=r["subject"],
+            detail=_jwk_decoder.decode(r["detail"]),
+        )
+        for r in rows
+    ]
+
+
+# --------------------------------------------------------------------------- RFC 7523 replay
+
+
+async def claim_assertion(db: Database, jti_hash: str, expires_at: float, now: float) -> bool:
+    """Record a client assertion's jti; False if it was seen before (a replay)."""
+    await db.execute("DELETE FROM client_assertions WHERE expires_at < ?", now)
+    changed = await db.execute(
+        "INSERT INTO client_assertions (jti_hash, expires_at) VALUES (?, ?)"
+        " ON CONFLICT (jti_hash) DO NOTHING",
+        jti_hash,
+        expires_at,
+    )
+    return changed == 1
