@@ -25,8 +25,9 @@ from urllib.parse import unquote
 
 import jwt
 
-from service.contracts import AgentStatus, Role, TaskStatus
+from service.contracts import AgentRecord, AgentStatus, Role, TaskStatus
 from service.credentials.jwk import load_public_jwk
+from service.credentials.rfc7662 import live_token
 from service.credentials.rfc9068 import TOKEN_TYPES, VerifiedToken
 from service.errors import AuthenticationError, ClientError, PermissionDenied, TokenRejected
 from service.secrets_ import OPERATOR_TOKEN_PREFIX, hash_secret, matches
@@ -46,6 +47,8 @@ class Principal:
     agent_id: str | None = None
     audience: str | None = None
     token: VerifiedToken | None = None
+    agent: AgentRecord | None = None
+    """The agent row read while authenticating it (saves opening a task a second read)."""
 
     @property
     def actor(self) -> str:
@@ -117,18 +120,17 @@ async def _agent_secret(services: Services, value: str) -> Principal:
     agent = await repo.get_agent(services.db, client_id)
     if agent is None or not matches(secret, agent.secret_hash):
         raise AuthenticationError("invalid client credentials")
-    return Principal(kind="agent", name=agent.id, agent_id=agent.id)
+    return Principal(kind="agent", name=agent.id, agent_id=agent.id, agent=agent)
 
 
 async def task_principal(services: Services, token: str) -> Principal:
     """A task credential authenticates its own task — if it is alive in every respect."""
     try:
-        verified = services.verifier.verify(token)
+        # Signature, claims, deny state *and* the database's word on the credential: a
+        # replica whose deny state lags must not accept a credential revoked elsewhere.
+        verified = await live_token(services, token, audience=None)
     except TokenRejected as exc:
         raise AuthenticationError(f"task credential rejected: {exc.detail}") from None
-    reason = services.deny.reason_denied(verified)
-    if reason is not None:
-        raise AuthenticationError(f"task credential rejected: {reason}")
     task = await repo.get_task(services.db, verified.task_id)
     now = services.clock.now()
     if task is None or task.agent_id != verified.agent_id:
@@ -146,7 +148,7 @@ async def _client_assertion(services: Services, assertion: str) -> Principal:
         raise AuthenticationError("malformed client assertion") from None
     agent_id = unverified.get("iss")
     if not isinstance(agent_id, str) or unverified.get("sub") != agent_id:
-        raise AuthenticationError("client assertion: iss and sub must both be the agent id")
+        raise AuthenticationError("invalid client assertion")
     agent = await repo.get_agent(services.db, agent_id)
     if agent is None or agent.public_jwk is None:
         raise AuthenticationError("invalid client assertion")
@@ -160,22 +162,21 @@ async def _client_assertion(services: Services, assertion: str) -> Principal:
             assertion,
             key=key,
             algorithms=[alg],
-            audience=[issuer, f"{issuer}/oauth2/token", f"{issuer}/v1/tasks"],
+            audience=[issuer, f"{issuer}/v1/tasks"],
             leeway=services.settings.leeway,
             options={"require": ["iss", "sub", "aud", "exp", "jti"]},
         )
-    except jwt.PyJWTError as exc:
-        raise AuthenticationError(f"invalid client assertion: {exc}") from None
+    except jwt.PyJWTError:
+        # Same words as an unknown agent: the answer must not reveal which ids exist.
+        raise AuthenticationError("invalid client assertion") from None
     now = services.clock.now()
     exp = float(claims["exp"])
     if exp - now > MAX_ASSERTION_LIFETIME:
-        raise AuthenticationError(
-            f"client assertion lives too long (at most {MAX_ASSERTION_LIFETIME}s)"
-        )
+        raise AuthenticationError("invalid client assertion")
     digest = hashlib.sha256(f"{agent_id}:{claims['jti']}".encode()).hexdigest()
     if not await repo.claim_assertion(services.db, digest, exp, now):
-        raise AuthenticationError("client assertion replayed (jti already used)")
-    return Principal(kind="agent", name=agent.id, agent_id=agent.id)
+        raise AuthenticationError("invalid client assertion")
+    return Principal(kind="agent", name=agent.id, agent_id=agent.id, agent=agent)
 
 
 def ensure_agent_active(status: AgentStatus) -> None:

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any, NoReturn
 
 import httpx
@@ -45,7 +46,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from service.core import Services
 
     settings = Settings.from_env().with_overrides(
-        host=args.host, port=args.port, data_dir=args.data_dir, database_url=args.database_url
+        host=args.host,
+        port=args.port,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        database_url=args.database_url,
     )
     settings.validate()
 
@@ -114,7 +118,9 @@ class Api:
             try:
                 problem = response.json()
                 detail = f"{problem.get('title')}: {problem.get('detail')}"
-                for item in problem.get("offending", []) or []:
+                # Scope violations name what exceeds (offending); syntax errors name every
+                # bad item (invalid), of which the detail line shows only the first three.
+                for item in (problem.get("offending") or []) + (problem.get("invalid") or []):
                     detail += f"\n  - {item}"
             except ValueError:
                 detail = response.text[:500]
@@ -194,7 +200,7 @@ async def _operators_add_offline(body: dict[str, Any]) -> dict[str, Any]:
     from service.contracts import CreateOperator
     from service.core import start
 
-    services = await start(Settings.from_env())
+    services = await start(Settings.from_env(), bootstrap=False)
     try:
         request = msgspec.convert(body, CreateOperator)
         created = await operators.create(services, request, actor="cli:offline")
@@ -202,6 +208,10 @@ async def _operators_add_offline(body: dict[str, Any]) -> dict[str, Any]:
         return result
     finally:
         await services.close()
+
+
+def cmd_operators_disable(args: argparse.Namespace) -> None:
+    _print(_api(args).call("POST", f"/v1/operators/{args.name}/disable"))
 
 
 def cmd_revoke(args: argparse.Namespace) -> None:
@@ -219,7 +229,8 @@ def cmd_revoke(args: argparse.Namespace) -> None:
             target["agent_id"] = args.agent
         if not args.yes:
             scope = f"agent {args.agent}" if args.agent else "EVERY agent"
-            answer = input(f"Revoke every credential of {scope} issued before now? [y/N] ")
+            when = "now" if args.before is None else f"{args.before}"
+            answer = input(f"Revoke every credential of {scope} issued up to {when}? [y/N] ")
             if answer.strip().lower() not in ("y", "yes"):
                 _die("aborted", 1)
     _print(_api(args).call("POST", "/v1/revocations", {"target": target, "reason": args.reason}))
@@ -332,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--reason", required=True, help="why (kept in the audit log)")
         p.set_defaults(func=func)
 
-    ops = sub.add_parser("operators", help="create operator tokens")
+    ops = sub.add_parser("operators", help="create or disable operator tokens")
     osub = ops.add_subparsers(dest="operators_command", required=True, metavar="ACTION")
     p = osub.add_parser(
         "add",
@@ -340,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="create an operator (admin)",
         description="Create an operator token. Roles: viewer (read), analyst "
         "(+ revoke), admin (+ agents, operators, keys), detector (revoke, read "
-        "tasks), resource_server (introspect/revoke tokens for one audience).",
+        "tasks), resource_server (introspect tokens for one audience).",
     )
     p.add_argument("name")
     p.add_argument(
@@ -355,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write to the database directly (no running service needed)",
     )
     p.set_defaults(func=cmd_operators_add)
+    p = osub.add_parser("disable", parents=[client], help="disable an operator token (admin)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_operators_disable)
 
     p = sub.add_parser(
         "revoke",
@@ -397,7 +411,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="list every KS_* setting with its default")
     p.set_defaults(func=cmd_config)
+    _explain(parser)
     return parser
+
+
+def _explain(parser: argparse.ArgumentParser) -> None:
+    """Give every subcommand without a description its one-line help as one, so that
+    ``killswitch <command> --help`` says what the command does, not only its usage."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        helps = {choice.dest: choice.help for choice in action._choices_actions}
+        for name, subparser in action.choices.items():
+            text = helps.get(name)
+            if subparser.description is None and text:
+                subparser.description = text[0].upper() + text[1:] + "."
+            _explain(subparser)
 
 
 def main(argv: list[str] | None = None) -> None:

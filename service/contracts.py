@@ -52,7 +52,6 @@ class RevocationSource(StrEnum):
     ANALYST = "analyst"
     DETECTOR = "detector"
     TASK_END = "task_end"
-    PARENT = "parent"
     CLIENT = "client"
 
 
@@ -110,7 +109,8 @@ class CreateAgent(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     id: AgentId
     ceiling: ScopeSpec
     name: str = ""
-    max_task_ttl: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    # Stored in an INTEGER column (32-bit on PostgreSQL); ~68 years is no real limit.
+    max_task_ttl: Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)] | None = None
     public_jwk: dict[str, Any] | None = None
     """A public JWK (OKP/Ed25519 or EC/P-256) for RFC 7523 private_key_jwt assertions."""
     issue_secret: bool = True
@@ -315,6 +315,8 @@ class Introspection(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     nbf: int | None = None
     jti: str | None = None
     token_type: str | None = None
+    cnf: dict[str, str] | None = None
+    """RFC 9449 §6.2: the proof-of-possession key the token is bound to."""
 
 
 __all__ = [

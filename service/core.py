@@ -34,13 +34,18 @@ class Services:
     revoker: Revoker
     metrics: Metrics
     bootstrap_admin_token: str | None = None
-    """Set only on the start that created the first admin; printed once, never logged."""
+    """Set only on the start that generated the first admin's token; printed once, never
+    logged. None when there already was an admin or KS_BOOTSTRAP_ADMIN_TOKEN was used."""
 
     async def close(self) -> None:
         await self.db.close()
 
 
-async def start(settings: Settings, clock: Clock | None = None) -> Services:
+async def start(
+    settings: Settings, clock: Clock | None = None, *, bootstrap: bool = True
+) -> Services:
+    """Open and prepare everything; ``bootstrap=False`` skips creating a first admin
+    (offline CLI commands must not create one whose token nobody sees)."""
     from service.operators import ensure_admin
 
     clock = clock or SystemClock()
@@ -71,7 +76,8 @@ async def start(settings: Settings, clock: Clock | None = None) -> Services:
             revoker=Revoker(db, deny, clock, settings.leeway),
             metrics=Metrics(),
         )
-        services.bootstrap_admin_token = await ensure_admin(services)
+        if bootstrap:
+            services.bootstrap_admin_token = await ensure_admin(services)
     except BaseException:
         await db.close()
         raise

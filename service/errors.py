@@ -9,12 +9,11 @@ Nothing in this module performs I/O.
     KillSwitchError                      500  something we did not expect
     ├── ClientError                      400  the request itself is wrong
     │   ├── ScopeSyntaxError             400  a grant or pattern does not parse
-    │   ├── ScopeViolation               403  declared scope exceeds ceiling/parent
-    │   └── PayloadTooLarge              413  body over the configured limit
+    │   └── ScopeViolation               403  declared scope exceeds ceiling/parent
     ├── AuthenticationError              401  missing/bad credentials (operator, agent)
-    ├── PermissionDenied                 403  authenticated, but the role may not do this
+    ├── PermissionDenied                 403  the role may not do this, or the agent is suspended
     ├── NotFound                         404  no such thing (or you may not know it exists)
-    ├── Conflict                         409  state forbids it (task closed, agent suspended)
+    ├── Conflict                         409  state forbids it (task closed, already reinstated)
     └── TokenRejected                    401  a presented access token failed verification
 """
 
@@ -57,12 +56,6 @@ class ScopeViolation(ClientError):
     status = 403
     type_slug = "scope-violation"
     title = "Scope exceeds what is allowed"
-
-
-class PayloadTooLarge(ClientError):
-    status = 413
-    type_slug = "payload-too-large"
-    title = "Payload too large"
 
 
 class AuthenticationError(KillSwitchError):

@@ -7,7 +7,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 from service.contracts import CreateOperator, OperatorCreated, OperatorRecord, OperatorView, Role
-from service.errors import ClientError, Conflict
+from service.errors import ClientError, Conflict, NotFound
 from service.secrets_ import OPERATOR_TOKEN_PREFIX, hash_secret, new_secret
 from service.storage import repository as repo
 
@@ -57,7 +57,7 @@ async def create(
 
 
 async def ensure_admin(services: Services) -> str | None:
-    """Create the first admin if there is none; returns its token (to print once)."""
+    """Create the first admin if there is none; returns a generated token (to print once)."""
     if await repo.count_admins(services.db) > 0:
         return None
     configured = services.settings.bootstrap_admin_token
@@ -67,4 +67,30 @@ async def ensure_admin(services: Services) -> str | None:
         actor="system:bootstrap",
         token=configured.reveal() if configured is not None else None,
     )
-    return created.token
+    # A configured token is already known to whoever configured it: never echo it.
+    return None if configured is not None else created.token
+
+
+async def disable(services: Services, name: str, *, actor: str) -> OperatorView:
+    """Disable an operator token at once (a stolen or departed operator's)."""
+    now = services.clock.now()
+    async with services.db.transaction() as tx:
+        op = await repo.get_operator(tx, name)
+        if op is None:
+            raise NotFound(f"no operator {name!r}")
+        if op.disabled_at is not None:
+            raise Conflict(f"operator {name!r} is already disabled")
+        if op.role is Role.ADMIN and await repo.count_admins(tx) <= 1:
+            raise Conflict("refusing to disable the last admin; create another admin first")
+        await repo.disable_operator(tx, name, at=now)
+        await repo.append_audit(
+            tx,
+            at=now,
+            actor=actor,
+            action="operator.disable",
+            subject=f"operator:{name}",
+            detail={"role": op.role.value},
+        )
+        disabled = await repo.get_operator(tx, name)
+    assert disabled is not None
+    return view(disabled)

@@ -55,6 +55,9 @@ class DenyState:
             return "issued before the agent's cut-off"
         return None
 
+    def cutoff_for(self, agent_id: str) -> float:
+        return max(self.global_cutoff, self.agent_cutoffs.get(agent_id, 0.0))
+
     def close_tasks(self, task_ids: list[str], status: str) -> None:
         for task_id in task_ids:
             self.closed_tasks.setdefault(task_id, status)

@@ -8,6 +8,7 @@ for a sub-task, the parent credential's own ``exp``.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -84,10 +85,18 @@ async def open_task(
     scope = validate(request.scope)
     if not scope.audiences:
         raise ClientError("a task scope needs at least one audience (it becomes the token's aud)")
-    agent = await repo.get_agent(services.db, principal.agent_id)
+    agent = principal.agent or await repo.get_agent(services.db, principal.agent_id)
     if agent is None:  # deleted between authentication and now
         raise NotFound("agent not found")
     ensure_agent_active(agent.status)
+    parent: TaskRecord | None = None
+    if principal.kind == "task":
+        parent = await repo.get_task(services.db, principal.name)
+        if parent is None:
+            raise NotFound("parent task not found")
+        # A sub-task's unset limits come from its tightest bound, the parent (which is
+        # itself within the ceiling); inheriting the ceiling's first would exceed it.
+        scope = inherit_limits(scope, parent.scope)
     scope = inherit_limits(scope, agent.ceiling)
     _check_within(scope, agent.ceiling, "agent's ceiling")
 
@@ -96,22 +105,20 @@ async def open_task(
         caps.append(now + agent.max_task_ttl)
     if scope.limits.deadline is not None:
         caps.append(scope.limits.deadline)
-    parent: TaskRecord | None = None
     actor_chain: dict[str, Any] | None = None
     exp_cap = None
-    if principal.kind == "task":
+    if parent is not None:
         assert principal.token is not None
-        parent = await repo.get_task(services.db, principal.name)
-        if parent is None:
-            raise NotFound("parent task not found")
-        scope = inherit_limits(scope, parent.scope)
         _check_within(scope, parent.scope, "parent task's scope")
         caps.append(parent.deadline)
         exp_cap = principal.token.exp
-        # RFC 8693 §4.1: the parent acts for the sub-task; nest any chain it carries.
-        actor_chain = {"sub": parent.spiffe_id}
-        if "act" in principal.token.claims:
-            actor_chain["act"] = principal.token.claims["act"]
+        actor_chain = await _actor_chain(services.db, parent.id)
+    dpop_jkt = request.dpop_jkt
+    if parent is not None and parent.dpop_jkt is not None:
+        # A bound parent must not be able to mint an unbound (or differently bound) child.
+        if dpop_jkt not in (None, parent.dpop_jkt):
+            raise ClientError("a sub-task of a DPoP-bound task must keep the parent's key")
+        dpop_jkt = parent.dpop_jkt
     deadline = min([now + (request.ttl or settings.default_task_ttl), *caps])
     if deadline <= now + 1:
         raise ClientError("the task would expire immediately (its parent or limits end now)")
@@ -127,7 +134,7 @@ async def open_task(
         status=TaskStatus.ACTIVE,
         created_at=now,
         deadline=deadline,
-        dpop_jkt=request.dpop_jkt,
+        dpop_jkt=dpop_jkt,
     )
     async with services.db.transaction() as tx:
         await repo.insert_task(tx, task)
@@ -135,6 +142,24 @@ async def open_task(
     services.metrics.issued.inc()
     services.metrics.issue_latency.observe(time.perf_counter() - started)
     return issued
+
+
+async def _actor_chain(db: Database, parent_id: str) -> dict[str, Any]:
+    """RFC 8693 §4.1 ``act``: the parent acts for the sub-task, its parent for it, and so
+    on, the most recent actor outermost. Built from the stored ancestry, so an opened and
+    a renewed credential carry the same chain."""
+    ancestors: list[str] = []
+    next_id: str | None = parent_id
+    while next_id is not None and len(ancestors) < 32:
+        ancestor = await repo.get_task(db, next_id)
+        if ancestor is None:
+            break
+        ancestors.append(ancestor.spiffe_id)
+        next_id = ancestor.parent_id
+    chain: dict[str, Any] = {"sub": ancestors[-1]}
+    for spiffe in reversed(ancestors[:-1]):
+        chain = {"sub": spiffe, "act": chain}
+    return chain
 
 
 async def _issue(
@@ -147,9 +172,11 @@ async def _issue(
     actor_chain: dict[str, Any] | None,
 ) -> IssuedCredential:
     settings = services.settings
-    services.keys.refresh_if_changed()
+    services.keys.refresh_if_changed(max_age=1.0)
     key = services.keys.active
-    iat = int(now)
+    # ``iat`` is whole seconds and guards kill ``iat <= cutoff``: a credential issued in
+    # the same second as a cut-off would be born dead, so it starts at the next second.
+    iat = max(int(now), math.floor(services.deny.cutoff_for(task.agent_id)) + 1)
     exp = min(iat + settings.credential_ttl, int(task.deadline))
     if exp_cap is not None:
         exp = min(exp, exp_cap)
@@ -163,7 +190,6 @@ async def _issue(
         actor_chain=actor_chain,
     )
     token = rfc9068.sign(claims, key)
-    rfc9068.verify_own_signature(token, key)
     await repo.insert_credential(
         tx,
         jti_hash=rfc9068.jti_hash(jti),
@@ -207,7 +233,7 @@ async def renew(services: Services, principal: Principal, task_id: str) -> Issue
         parent = await repo.get_task(services.db, task.parent_id)
         if parent is None or parent.effective_status(now) is not TaskStatus.ACTIVE:
             raise Conflict("the parent task has ended")
-        actor_chain = {"sub": parent.spiffe_id}
+        actor_chain = await _actor_chain(services.db, task.parent_id)
     async with services.db.transaction() as tx:
         current = await repo.get_task(tx, task_id)
         if current is None or current.status is not TaskStatus.ACTIVE:

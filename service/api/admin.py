@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from litestar import Controller, get, post
 from litestar.di import Provide
-from litestar.params import JSONBody
+from litestar.params import JSONBody, Parameter
 
 from service import operators
 from service.api.deps import OPERATOR, PrincipalDep, ServicesDep, problems, provide_principal
@@ -43,6 +45,22 @@ class AdminController(Controller):
     ) -> list[OperatorView]:
         require_operator(principal, ADMIN)
         return [operators.view(o) for o in await repo.list_operators(services.db)]
+
+    @post(
+        "/operators/{name:str}/disable",
+        operation_id="disableOperator",
+        summary="Disable an operator token at once (admin)",
+        status_code=200,
+        responses=problems(401, 403, 404, 409),
+    )
+    async def disable_operator(
+        self,
+        name: Annotated[str, Parameter(description="Operator name", max_length=128)],
+        principal: PrincipalDep,
+        services: ServicesDep,
+    ) -> OperatorView:
+        require_operator(principal, ADMIN)
+        return await operators.disable(services, name, actor=principal.actor)
 
     @get(
         "/keys",

@@ -20,8 +20,10 @@ def provide_services(state: State) -> Services:
     return services
 
 
-async def provide_principal(request: Request[Any, Any, Any], state: State) -> Principal:
-    return await authenticate(state.services, request.headers.get("authorization"))
+async def provide_principal(request: Request[Any, Any, Any], services: Services) -> Principal:
+    # Depending on ``services`` (not ``state``) chains the two dependencies: litestar
+    # then resolves them in order instead of spawning a task group per request.
+    return await authenticate(services, request.headers.get("authorization"))
 
 
 class ProblemDetails(msgspec.Struct, frozen=True, kw_only=True):
@@ -33,6 +35,7 @@ class ProblemDetails(msgspec.Struct, frozen=True, kw_only=True):
     detail: str
     instance: str
     offending: list[str] | None = None
+    invalid: list[str] | None = None
     errors: list[dict[str, Any]] | None = None
 
 
@@ -57,7 +60,11 @@ def problems(*codes: int) -> dict[int, ResponseSpec]:
 
 
 OPERATOR: list[dict[str, list[str]]] = [{"operatorToken": []}]
-AGENT: list[dict[str, list[str]]] = [{"agentBasic": []}, {"clientAssertion": []}, {"taskCredential": []}]
+AGENT: list[dict[str, list[str]]] = [
+    {"agentBasic": []},
+    {"clientAssertion": []},
+    {"taskCredential": []},
+]
 
 
 # Explicit dependency markers: litestar 3 stops inferring injected parameters.

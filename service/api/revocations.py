@@ -15,7 +15,10 @@ from service.storage import repository as repo
 
 Since = Annotated[float | None, Parameter(description="Only entries at or after (epoch s)")]
 Limit = Annotated[int, Parameter(ge=1, le=1000, description="Page size")]
-Cursor = Annotated[int | None, Parameter(description="next_cursor of the last page")]
+# A seq is a 64-bit integer in both databases: a cursor outside that range is a 400.
+Cursor = Annotated[
+    int | None, Parameter(ge=0, le=2**63 - 1, description="next_cursor of the last page")
+]
 
 
 class RevocationController(Controller):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,7 +95,7 @@ class KeyStore:
         self._keys: dict[str, SigningKey] = {}
         self._active: SigningKey | None = None
         self._mtime_ns = -1
-        self._jwks_cache: dict[str, Any] | None = None
+        self._checked_at = 0.0
         self.on_change: list[Callable[[], None]] = []
 
     # -- loading ------------------------------------------------------------------------
@@ -110,8 +111,15 @@ class KeyStore:
         assert self._active is not None
         return self._active
 
-    def refresh_if_changed(self) -> bool:
-        """Reload when another process (``killswitch keys rotate --offline``) changed the dir."""
+    def refresh_if_changed(self, *, max_age: float = 0.0) -> bool:
+        """Reload when another process (``killswitch keys rotate --offline``) changed the dir.
+
+        ``max_age`` lets hot paths skip the ``stat`` if one happened that recently.
+        """
+        now = time.monotonic()
+        if max_age and now - self._checked_at < max_age:
+            return False
+        self._checked_at = now
         try:
             mtime = self.directory.stat().st_mtime_ns
         except FileNotFoundError:
@@ -140,9 +148,10 @@ class KeyStore:
                 private = loaded
             keys[meta.kid] = SigningKey(meta=meta, public_key=public, private_key=private)
         signers = [k for k in keys.values() if k.private_key is not None]
+        for signer in signers:
+            self.probe(signer)
         self._keys = keys
         self._active = max(signers, key=lambda k: k.meta.created_at) if signers else None
-        self._jwks_cache = None
         for callback in self.on_change:
             callback()
 
@@ -160,6 +169,18 @@ class KeyStore:
         _write_private(self.directory / f"{kid}.pem", pem)
         _write_public(self.directory / f"{kid}.json", msgspec.json.encode(meta))
         return SigningKey(meta=meta, public_key=public, private_key=private)
+
+    @staticmethod
+    def probe(key: SigningKey) -> None:
+        """Sign and verify a probe before a key may sign credentials.
+
+        The issuer checks its own output once per key instead of once per token: a
+        signature check costs 3x the signing, and a key (and the code path around it)
+        that produced a valid signature keeps doing so.
+        """
+        from service.credentials.rfc9068 import sign, verify_own_signature
+
+        verify_own_signature(sign({"probe": key.kid}, key), key)
 
     # -- use ----------------------------------------------------------------------------
 

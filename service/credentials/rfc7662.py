@@ -78,6 +78,7 @@ async def introspect(services: Services, token: str, *, audience: str | None) ->
         nbf=c.get("nbf"),
         jti=v.jti,
         token_type="DPoP" if "cnf" in c else "Bearer",
+        cnf=c.get("cnf"),
     )
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass
 from typing import Any
 
 import jwt
@@ -24,7 +23,10 @@ import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 
 from service.clock import Clock
 from service.contracts import TaskRecord
@@ -84,11 +86,6 @@ def build_claims(
     return claims
 
 
-@dataclass(frozen=True)
-class _Header:
-    encoded: bytes
-
-
 _header_cache: dict[str, bytes] = {}
 
 
@@ -126,8 +123,6 @@ def verify_own_signature(token: str, key: SigningKey) -> None:
         else:
             r = int.from_bytes(signature[:32], "big")
             s = int.from_bytes(signature[32:], "big")
-            from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-
             public.verify(
                 encode_dss_signature(r, s), signing_input.encode(), ec.ECDSA(hashes.SHA256())
             )
@@ -166,7 +161,12 @@ class TokenVerifier:
         if header.get("typ") not in TOKEN_TYPES:
             raise TokenRejected("token type must be at+jwt (RFC 9068 §4)")
         kid = header.get("kid")
-        key = self.keys.verification_key(kid) if isinstance(kid, str) else None
+        if not isinstance(kid, str):
+            raise TokenRejected("unknown signing key (kid)")
+        key = self.keys.verification_key(kid)
+        if key is None and self.keys.refresh_if_changed():
+            # Rotated by another replica or `keys rotate --offline` since we last looked.
+            key = self.keys.verification_key(kid)
         if key is None:
             raise TokenRejected("unknown signing key (kid)")
         if header.get("alg") != key.alg:
@@ -179,20 +179,32 @@ class TokenVerifier:
                 issuer=self.issuer,
                 audience=audience,
                 leeway=self.leeway,
-                options={"require": _REQUIRED_CLAIMS, "verify_aud": audience is not None},
+                # exp/nbf are checked below against the injected clock, not time.time().
+                options={
+                    "require": _REQUIRED_CLAIMS,
+                    "verify_aud": audience is not None,
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,  # pyjwt >= 2.10 checks iat against time.time()
+                },
             )
-        except jwt.ExpiredSignatureError:
-            raise TokenRejected("token expired") from None
-        except jwt.ImmatureSignatureError:
-            raise TokenRejected("token not yet valid") from None
         except jwt.InvalidIssuerError:
             raise TokenRejected("wrong issuer") from None
         except jwt.InvalidAudienceError:
             raise TokenRejected("token not issued for this audience") from None
         except jwt.PyJWTError as exc:
             raise TokenRejected(f"invalid token: {exc}") from None
-        # jwt.decode does not look inside iat; a token claiming to be from the future lies.
         now = self.clock.now()
+        exp, nbf = claims["exp"], claims["nbf"]
+        if not isinstance(exp, int | float) or isinstance(exp, bool):
+            raise TokenRejected("exp must be a number")
+        if not isinstance(nbf, int | float) or isinstance(nbf, bool):
+            raise TokenRejected("nbf must be a number")
+        if exp <= now - self.leeway:
+            raise TokenRejected("token expired")
+        if nbf > now + self.leeway:
+            raise TokenRejected("token not yet valid")
+        # jwt.decode does not look inside iat; a token claiming to be from the future lies.
         iat = claims["iat"]
         if not isinstance(iat, int) or iat > now + self.leeway:
             raise TokenRejected("token issued in the future")

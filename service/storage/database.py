@@ -13,8 +13,10 @@ Nothing here knows about tasks, agents or HTTP.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import lru_cache
@@ -24,6 +26,7 @@ from typing import Any, Protocol
 import asyncpg
 
 Row = dict[str, Any]
+log = logging.getLogger("killswitch.storage")
 
 
 class Database(Protocol):
@@ -61,7 +64,28 @@ class SqliteDatabase:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.execute("PRAGMA busy_timeout=5000")
+        # Checkpointing inside a request's COMMIT stalls the event loop for milliseconds;
+        # a background thread with its own connection does it instead (see _checkpointer).
+        self._conn.execute("PRAGMA wal_autocheckpoint=0")
         self._lock = asyncio.Lock()
+        self._stop = threading.Event()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_loop, name="sqlite-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
+
+    def _checkpoint_loop(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA busy_timeout=1000")
+            while not self._stop.wait(1.0):
+                # PASSIVE never blocks writers; what it cannot copy now it copies later.
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error:
+            log.exception("WAL checkpoint thread stopped")
+        finally:
+            conn.close()
 
     async def execute(self, sql: str, *args: Any) -> int:
         async with self._lock:
@@ -89,6 +113,8 @@ class SqliteDatabase:
                 self._conn.execute("COMMIT")
 
     async def close(self) -> None:
+        self._stop.set()
+        self._checkpointer.join(timeout=5)
         self._conn.close()
 
 

@@ -8,6 +8,7 @@ decoded here. Secrets and tokens arrive already hashed: this module never sees o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -134,6 +135,17 @@ async def operator_by_token_hash(db: Database, token_hash: str) -> OperatorRecor
 
 async def list_operators(db: Database) -> list[OperatorRecord]:
     return [_operator(r) for r in await db.fetch("SELECT * FROM operators ORDER BY name")]
+
+
+async def get_operator(db: Database, name: str) -> OperatorRecord | None:
+    row = await db.fetchrow("SELECT * FROM operators WHERE name = ?", name)
+    return None if row is None else _operator(row)
+
+
+async def disable_operator(db: Database, name: str, *, at: float) -> int:
+    return await db.execute(
+        "UPDATE operators SET disabled_at = ? WHERE name = ? AND disabled_at IS NULL", at, name
+    )
 
 
 async def count_admins(db: Database) -> int:
@@ -322,6 +334,9 @@ async def revoke_credentials_of_tasks(db: Database, task_ids: Sequence[str], *, 
 async def revoke_credentials_issued_before(
     db: Database, cutoff: float, agent_id: str | None, *, at: float
 ) -> int:
+    """Revoke what a guard's ``iat <= cutoff`` test kills: ``iat`` is whole seconds, so a
+    credential issued later within the cut-off's second dies too (fail closed)."""
+    cutoff = float(math.floor(cutoff) + 1) - 1e-6
     if agent_id is None:
         return await db.execute(
             "UPDATE credentials SET revoked_at = ?"
