@@ -26,7 +26,7 @@ class Metrics:
         )
         self.issue_latency = Histogram(
             "killswitch_issuance_seconds",
-            "Time to issue a credential inside the service (claims, sign, verify, record)",
+            "Time to issue a credential inside the service (claims, sign, record)",
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
             registry=r,
         )
