@@ -25,6 +25,7 @@ from service.api.deps import ServicesDep, provide_services
 from service.api.oauth import OAuthController, WellKnownController
 from service.api.problems import EXCEPTION_HANDLERS, problem
 from service.api.revocations import RevocationController
+from service.api.strict import strict_body
 from service.api.tasks import TaskController
 from service.clock import Clock
 from service.config import Settings
@@ -147,6 +148,7 @@ def create_app(
         ],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
+        before_request=strict_body,
         request_max_body_size=settings.max_body_bytes,
         openapi_config=_openapi(),
         lifespan=[lifespan],

@@ -10,6 +10,7 @@ from litestar.params import JSONBody, Parameter
 
 from service import operators
 from service.api.deps import OPERATOR, PrincipalDep, ServicesDep, problems, provide_principal
+from service.api.strict import authenticate_guard
 from service.auth import ADMIN, READ, require_operator
 from service.contracts import CreateOperator, KeyView, OperatorCreated, OperatorView
 from service.storage import repository as repo
@@ -19,7 +20,8 @@ class AdminController(Controller):
     path = "/v1"
     tags = ["admin"]
     security = OPERATOR
-    dependencies = {"principal": Provide(provide_principal)}
+    dependencies = {"principal": Provide(provide_principal, sync_to_thread=False)}
+    guards = [authenticate_guard]
 
     @post(
         "/operators",

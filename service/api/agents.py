@@ -10,6 +10,7 @@ from litestar.params import JSONBody, Parameter
 
 from service import agents
 from service.api.deps import OPERATOR, PrincipalDep, ServicesDep, problems, provide_principal
+from service.api.strict import authenticate_guard
 from service.auth import ADMIN, READ, require_operator
 from service.contracts import (
     AgentCreated,
@@ -29,7 +30,8 @@ class AgentController(Controller):
     path = "/v1/agents"
     tags = ["agents"]
     security = OPERATOR
-    dependencies = {"principal": Provide(provide_principal)}
+    dependencies = {"principal": Provide(provide_principal, sync_to_thread=False)}
+    guards = [authenticate_guard]
 
     @post(
         "/",

@@ -11,7 +11,7 @@ from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import SkipValidation
 
-from service.auth import Principal, authenticate
+from service.auth import Principal
 from service.core import Services
 
 
@@ -20,10 +20,10 @@ def provide_services(state: State) -> Services:
     return services
 
 
-async def provide_principal(request: Request[Any, Any, Any], services: Services) -> Principal:
-    # Depending on ``services`` (not ``state``) chains the two dependencies: litestar
-    # then resolves them in order instead of spawning a task group per request.
-    return await authenticate(services, request.headers.get("authorization"))
+def provide_principal(request: Request[Any, Any, Any]) -> Principal:
+    """The caller, as identified by ``authenticate_guard`` before the body was read."""
+    principal: Principal = request.state.principal
+    return principal
 
 
 class ProblemDetails(msgspec.Struct, frozen=True, kw_only=True):

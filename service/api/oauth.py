@@ -11,6 +11,7 @@ from litestar.enums import RequestEncodingType
 from litestar.params import Body
 
 from service.api.deps import AGENT, OPERATOR, PrincipalDep, ServicesDep, problems, provide_principal
+from service.api.strict import authenticate_guard
 from service.auth import INTROSPECT, REVOKE, require_operator
 from service.config import SIGNING_ALGORITHMS
 from service.contracts import Introspection
@@ -28,7 +29,8 @@ Form = Annotated[TokenForm, Body(media_type=RequestEncodingType.URL_ENCODED)]
 class OAuthController(Controller):
     path = "/oauth2"
     tags = ["oauth"]
-    dependencies = {"principal": Provide(provide_principal)}
+    dependencies = {"principal": Provide(provide_principal, sync_to_thread=False)}
+    guards = [authenticate_guard]
 
     @post(
         "/introspect",

@@ -9,6 +9,7 @@ from litestar.di import Provide
 from litestar.params import JSONBody, Parameter
 
 from service.api.deps import OPERATOR, PrincipalDep, ServicesDep, problems, provide_principal
+from service.api.strict import authenticate_guard
 from service.auth import READ, REVOKE, require_operator
 from service.contracts import CreateRevocation, Page, RevocationSource, RevocationView, Role
 from service.storage import repository as repo
@@ -25,7 +26,8 @@ class RevocationController(Controller):
     path = "/v1"
     tags = ["revocations"]
     security = OPERATOR
-    dependencies = {"principal": Provide(provide_principal)}
+    dependencies = {"principal": Provide(provide_principal, sync_to_thread=False)}
+    guards = [authenticate_guard]
 
     @post(
         "/revocations",

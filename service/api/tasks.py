@@ -10,6 +10,7 @@ from litestar.params import JSONBody, Parameter
 
 from service import tasks
 from service.api.deps import AGENT, OPERATOR, PrincipalDep, ServicesDep, problems, provide_principal
+from service.api.strict import authenticate_guard
 from service.auth import READ, require_agent, require_operator
 from service.contracts import (
     CompleteTask,
@@ -35,7 +36,8 @@ def _may_read(principal: PrincipalDep) -> None:
 class TaskController(Controller):
     path = "/v1/tasks"
     tags = ["tasks"]
-    dependencies = {"principal": Provide(provide_principal)}
+    dependencies = {"principal": Provide(provide_principal, sync_to_thread=False)}
+    guards = [authenticate_guard]
 
     @post(
         "/",
