@@ -42,6 +42,7 @@ class Secret:
 
 
 SIGNING_ALGORITHMS = ("EdDSA", "ES256")
+KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,6 +116,99 @@ class Settings:
     )
     log_level: str = field(default="info", metadata={"env": "KS_LOG_LEVEL", "doc": "Log level."})
 
+    # -- Kafka (docs/events.md, docs/kafka.md) -------------------------------------------
+    kafka_bootstrap: str = field(
+        default="",
+        metadata={
+            "env": "KS_KAFKA_BOOTSTRAP",
+            "doc": "host:port[,host:port] of the Kafka cluster; empty disables publishing "
+            "(revocations still reach the SSE stream and introspection).",
+        },
+    )
+    kafka_usage_topic: str = field(
+        default="killswitch.usage.v1",
+        metadata={"env": "KS_KAFKA_USAGE_TOPIC", "doc": "UsageEvent topic (key: agent id)."},
+    )
+    kafka_tasks_topic: str = field(
+        default="killswitch.tasks.v1",
+        metadata={"env": "KS_KAFKA_TASKS_TOPIC", "doc": "TaskEvent topic (key: task id)."},
+    )
+    kafka_revocations_topic: str = field(
+        default="killswitch.revocations.v1",
+        metadata={
+            "env": "KS_KAFKA_REVOCATIONS_TOPIC",
+            "doc": "RevocationEvent topic, compacted, one partition (guards replay it).",
+        },
+    )
+    kafka_alerts_topic: str = field(
+        default="killswitch.alerts.v1",
+        metadata={"env": "KS_KAFKA_ALERTS_TOPIC", "doc": "AlertEvent topic (key: agent id)."},
+    )
+    kafka_dlq_topic: str = field(
+        default="killswitch.usage.dlq.v1",
+        metadata={"env": "KS_KAFKA_DLQ_TOPIC", "doc": "Undecodable usage events, with reason."},
+    )
+    kafka_partitions: int = field(
+        default=6,
+        metadata={
+            "env": "KS_KAFKA_PARTITIONS",
+            "doc": "Partitions for usage, tasks, alerts and DLQ topics when killswitch "
+            "creates them.",
+        },
+    )
+    kafka_replication_factor: int = field(
+        default=1,
+        metadata={"env": "KS_KAFKA_REPLICATION_FACTOR", "doc": "Replication of created topics."},
+    )
+    kafka_security_protocol: str = field(
+        default="PLAINTEXT",
+        metadata={
+            "env": "KS_KAFKA_SECURITY_PROTOCOL",
+            "doc": "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.",
+        },
+    )
+    kafka_sasl_mechanism: str = field(
+        default="",
+        metadata={
+            "env": "KS_KAFKA_SASL_MECHANISM",
+            "doc": "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (with a SASL_* protocol).",
+        },
+    )
+    kafka_sasl_username: str = field(
+        default="", metadata={"env": "KS_KAFKA_SASL_USERNAME", "doc": "SASL user name."}
+    )
+    kafka_sasl_password: Secret | None = field(
+        default=None, metadata={"env": "KS_KAFKA_SASL_PASSWORD", "doc": "SASL password."}
+    )
+    kafka_ssl_cafile: str = field(
+        default="",
+        metadata={"env": "KS_KAFKA_SSL_CAFILE", "doc": "CA bundle for SSL/SASL_SSL."},
+    )
+    kafka_ssl_certfile: str = field(
+        default="",
+        metadata={"env": "KS_KAFKA_SSL_CERTFILE", "doc": "Client certificate (mutual TLS)."},
+    )
+    kafka_ssl_keyfile: str = field(
+        default="",
+        metadata={"env": "KS_KAFKA_SSL_KEYFILE", "doc": "Client key (mutual TLS)."},
+    )
+    kafka_fetch_max_wait_ms: int = field(
+        default=5,
+        metadata={
+            "env": "KS_KAFKA_FETCH_MAX_WAIT_MS",
+            "doc": "Consumer long-poll bound; small = low kill latency (aiokafka's 500 "
+            "default costs ~250 ms p99 on loopback).",
+        },
+    )
+    kafka_session_timeout_ms: int = field(
+        default=10_000,
+        metadata={"env": "KS_KAFKA_SESSION_TIMEOUT_MS", "doc": "Consumer group session timeout."},
+    )
+    kafka_heartbeat_interval_ms: int = field(
+        default=3_000,
+        metadata={"env": "KS_KAFKA_HEARTBEAT_INTERVAL_MS", "doc": "Consumer heartbeat interval."},
+    )
+
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'killswitch.db'}"
@@ -154,6 +248,12 @@ class Settings:
                 raise ClientError(f"{name} must be positive")
         if self.default_task_ttl > self.max_task_ttl:
             raise ClientError("KS_DEFAULT_TASK_TTL must not exceed KS_MAX_TASK_TTL")
+        if self.kafka_security_protocol not in KAFKA_PROTOCOLS:
+            raise ClientError(
+                f"KS_KAFKA_SECURITY_PROTOCOL must be one of {', '.join(KAFKA_PROTOCOLS)}"
+            )
+        if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_mechanism:
+            raise ClientError("KS_KAFKA_SASL_MECHANISM is required with a SASL_* protocol")
         url = self.effective_database_url
         if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
             raise ClientError(
@@ -164,6 +264,11 @@ class Settings:
 
 _INT_FIELDS = {
     "port",
+    "kafka_partitions",
+    "kafka_replication_factor",
+    "kafka_fetch_max_wait_ms",
+    "kafka_session_timeout_ms",
+    "kafka_heartbeat_interval_ms",
     "credential_ttl",
     "default_task_ttl",
     "max_task_ttl",
@@ -180,7 +285,7 @@ def _coerce(name: str, env: str, raw: str) -> Any:
             raise ClientError(f"{env} must be an integer, got {raw!r}") from None
     if name in ("data_dir", "key_dir"):
         return Path(raw)
-    if name == "bootstrap_admin_token":
+    if name in ("bootstrap_admin_token", "kafka_sasl_password"):
         return Secret(raw)
     return raw
 

@@ -1,0 +1,110 @@
+"""The one typed adapter around aiokafka (an untyped library): client settings from
+:class:`~service.config.Settings`, topic creation, and small producer/consumer wrappers.
+
+Everything else in killswitch talks to Kafka through this module, so security options
+(SASL/TLS), latency tuning and topic layout are decided in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from service.config import Settings
+
+log = logging.getLogger("killswitch.kafka")
+
+
+def common_kwargs(settings: Settings, client_id: str) -> dict[str, Any]:
+    """Connection and security options shared by producers, consumers and admin."""
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap,
+        "client_id": client_id,
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
+        if settings.kafka_ssl_certfile:
+            context.load_cert_chain(settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile or None)
+        kwargs["ssl_context"] = context
+    if settings.kafka_security_protocol.startswith("SASL"):
+        kwargs["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        kwargs["sasl_plain_username"] = settings.kafka_sasl_username
+        password = settings.kafka_sasl_password
+        kwargs["sasl_plain_password"] = password.reveal() if password else ""
+    return kwargs
+
+
+def producer(settings: Settings, client_id: str, **overrides: Any) -> AIOKafkaProducer:
+    # linger 0 + acks=all: a revocation or usage event leaves at once and is durable
+    # when acknowledged. (tansu has no idempotent producer; see docs/kafka.md.)
+    options = {"acks": "all", "linger_ms": 0, "request_timeout_ms": 10_000}
+    options.update(overrides)
+    return AIOKafkaProducer(**common_kwargs(settings, client_id), **options)
+
+
+def consumer(
+    settings: Settings, *topics: str, client_id: str, group_id: str | None, **overrides: Any
+) -> AIOKafkaConsumer:
+    options: dict[str, Any] = {
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
+        "session_timeout_ms": settings.kafka_session_timeout_ms,
+        "heartbeat_interval_ms": settings.kafka_heartbeat_interval_ms,
+    }
+    options.update(overrides)
+    return AIOKafkaConsumer(*topics, **common_kwargs(settings, client_id), **options)
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str]
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    n = settings.kafka_partitions
+    return [
+        TopicSpec(settings.kafka_usage_topic, n, {}),
+        TopicSpec(settings.kafka_tasks_topic, n, {}),
+        # One partition: guards replay revocations in the order they were committed.
+        TopicSpec(settings.kafka_revocations_topic, 1, {"cleanup.policy": "compact"}),
+        TopicSpec(settings.kafka_alerts_topic, n, {}),
+        TopicSpec(settings.kafka_dlq_topic, n, {}),
+    ]
+
+
+async def ensure_topics(settings: Settings, specs: Iterable[TopicSpec] | None = None) -> None:
+    """Create the killswitch topics that do not exist yet (idempotent)."""
+    admin = AIOKafkaAdminClient(**common_kwargs(settings, "killswitch-admin"))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(
+                name=spec.name,
+                num_partitions=spec.partitions,
+                replication_factor=settings.kafka_replication_factor,
+                topic_configs=spec.config,
+            )
+            for spec in (specs if specs is not None else topic_specs(settings))
+            if spec.name not in existing
+        ]
+        if missing:
+            # Another process may win the race; the topic is there either way.
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(missing)
+            log.info("created topics %s", [t.name for t in missing])
+    finally:
+        await admin.close()
