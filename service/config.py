@@ -209,6 +209,82 @@ class Settings:
         metadata={"env": "KS_KAFKA_HEARTBEAT_INTERVAL_MS", "doc": "Consumer heartbeat interval."},
     )
 
+    # -- detector (docs/detector.md) ------------------------------------------------------
+    detector_group_id: str = field(
+        default="killswitch-detector",
+        metadata={"env": "KS_DETECTOR_GROUP_ID", "doc": "Consumer group of the detectors."},
+    )
+    detector_metrics_host: str = field(
+        default="127.0.0.1",
+        metadata={"env": "KS_DETECTOR_METRICS_HOST", "doc": "Bind address of /metrics, /livez."},
+    )
+    detector_metrics_port: int = field(
+        default=9464,
+        metadata={
+            "env": "KS_DETECTOR_METRICS_PORT",
+            "doc": "Port of the detector's /metrics, /livez and /readyz; 0 picks a free one.",
+        },
+    )
+    detector_max_batch: int = field(
+        default=500,
+        metadata={"env": "KS_DETECTOR_MAX_BATCH", "doc": "Most usage records per batch."},
+    )
+    detector_poll_ms: int = field(
+        default=20,
+        metadata={"env": "KS_DETECTOR_POLL_MS", "doc": "getmany() timeout per loop turn (ms)."},
+    )
+    detector_rate_burst: int = field(
+        default=2,
+        metadata={
+            "env": "KS_DETECTOR_RATE_BURST",
+            "doc": "limits.rate: a 1 s window may hold max_rate x this many calls (a 10 s "
+            "window max_rate x 10).",
+        },
+    )
+    detector_denied_burst: int = field(
+        default=10,
+        metadata={
+            "env": "KS_DETECTOR_DENIED_BURST",
+            "doc": "probing.denied_burst: this many denied requests of one task ...",
+        },
+    )
+    detector_denied_window_s: int = field(
+        default=10,
+        metadata={"env": "KS_DETECTOR_DENIED_WINDOW_S", "doc": "... within this many seconds."},
+    )
+    detector_task_grace_s: int = field(
+        default=600,
+        metadata={
+            "env": "KS_DETECTOR_TASK_GRACE_S",
+            "doc": "Keep a closed or expired task's state this long before evicting it.",
+        },
+    )
+    detector_max_tasks: int = field(
+        default=1_000_000,
+        metadata={
+            "env": "KS_DETECTOR_MAX_TASKS",
+            "doc": "Hard bound on tasks held in memory (ended, then least recently seen, "
+            "go first).",
+        },
+    )
+    detector_shutdown_grace_s: int = field(
+        default=10,
+        metadata={
+            "env": "KS_DETECTOR_SHUTDOWN_GRACE_S",
+            "doc": "On stop, how long a batch's pending actions may still retry before the "
+            "detector exits without committing it.",
+        },
+    )
+    detector_test_pause_before_commit_ms: int = field(
+        default=0,
+        metadata={
+            "env": "KS_DETECTOR_TEST_PAUSE_BEFORE_COMMIT_MS",
+            "doc": "Testing only: sleep between a batch's durable actions and its commit "
+            "(the crash-safety test kills the detector there).",
+        },
+    )
+    # -- end detector ---------------------------------------------------------------------
+
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'killswitch.db'}"
@@ -275,6 +351,20 @@ _INT_FIELDS = {
     "leeway",
     "max_body_bytes",
 }
+# -- detector
+_INT_FIELDS |= {
+    "detector_metrics_port",
+    "detector_max_batch",
+    "detector_poll_ms",
+    "detector_rate_burst",
+    "detector_denied_burst",
+    "detector_denied_window_s",
+    "detector_task_grace_s",
+    "detector_max_tasks",
+    "detector_shutdown_grace_s",
+    "detector_test_pause_before_commit_ms",
+}
+# -- end detector
 
 
 def _coerce(name: str, env: str, raw: str) -> Any:

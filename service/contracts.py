@@ -195,6 +195,9 @@ RevocationTarget = CredentialTarget | TaskTarget | AgentTarget | CutoffTarget
 class CreateRevocation(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     target: RevocationTarget
     reason: Reason
+    idempotency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
+    """Repeating a key returns the first revocation (200) instead of revoking again: how the
+    detector stays idempotent per rule and task across redeliveries."""
 
 
 class CreateOperator(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

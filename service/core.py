@@ -16,6 +16,7 @@ from service.credentials.keys import KeyStore
 from service.credentials.rfc9068 import TokenVerifier
 from service.identity import validate_trust_domain
 from service.metrics import Metrics
+from service.propagation import OutboxRelay, Propagator, RevocationHub
 from service.revocation import DenyState, Revoker
 from service.storage.database import Database, open_database
 from service.storage.migrations import migrate
@@ -33,11 +34,16 @@ class Services:
     deny: DenyState
     revoker: Revoker
     metrics: Metrics
+    hub: RevocationHub
+    propagator: Propagator
+    relay: OutboxRelay | None
     bootstrap_admin_token: str | None = None
     """Set only on the start that generated the first admin's token; printed once, never
     logged. None when there already was an admin or KS_BOOTSTRAP_ADMIN_TOKEN was used."""
 
     async def close(self) -> None:
+        if self.relay is not None:
+            await self.relay.stop()
         await self.db.close()
 
 
@@ -64,6 +70,9 @@ async def start(
         )
         keys.load_or_create()
         deny = await DenyState.load(db, clock.now())
+        hub = RevocationHub()
+        relay = OutboxRelay(db, settings) if settings.kafka_bootstrap else None
+        propagator = Propagator(deny, hub, relay)
         services = Services(
             settings=settings,
             clock=clock,
@@ -73,11 +82,16 @@ async def start(
                 keys, issuer=settings.effective_issuer, clock=clock, leeway=settings.leeway
             ),
             deny=deny,
-            revoker=Revoker(db, deny, clock, settings.leeway),
+            revoker=Revoker(db, propagator, clock, settings.leeway),
             metrics=Metrics(),
+            hub=hub,
+            propagator=propagator,
+            relay=relay,
         )
         if bootstrap:
             services.bootstrap_admin_token = await ensure_admin(services)
+        if relay is not None:
+            await relay.start()
     except BaseException:
         await db.close()
         raise

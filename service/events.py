@@ -93,11 +93,13 @@ class TaskEvent(
     task_id: Id
     agent_id: Id
     parent_id: Id | None = None
-    spiffe_id: Text
-    scope: ScopeSpec
-    deadline: float
     status: Text
+    spiffe_id: Text | None = None
+    scope: ScopeSpec | None = None
+    """The declared scope (opened and renewed events; absent on closed)."""
+    deadline: float | None = None
     jti_hash: Id | None = None
+    """Hash of the credential just issued (opened and renewed events)."""
 
 
 class RevocationEvent(

@@ -4,8 +4,10 @@ Targets (see docs/api.md): one credential (jti), one task and its sub-tasks, one
 (suspended, every active task revoked, every credential issued so far dead), or a
 cut-off (every credential issued at or before a time, globally or for one agent: the
 panic button). Each revocation is one database transaction that writes the revocation
-record, the task/credential state changes and an audit entry; only after it commits is
-the in-memory :class:`DenyState` updated, so a crash never leaves memory ahead of disk.
+record, the task/credential state changes, an audit entry and (with Kafka configured)
+the outbox rows; only after it commits does ``service.propagation`` apply it to the
+in-memory :class:`DenyState`, the SSE stream and Kafka, so nothing is announced that a
+crash could take back.
 
 :class:`DenyState` answers "is this verified token dead?" in O(1) from memory. It is
 rebuilt from the database on start (only entries whose credentials can still be alive).
@@ -30,8 +32,10 @@ from service.contracts import (
 )
 from service.credentials.rfc9068 import VerifiedToken, jti_hash
 from service.errors import ClientError, NotFound
+from service.events import RevocationEvent, TaskEvent, TaskEventKind
+from service.propagation import Propagator, enqueue_revocation, enqueue_task_event
 from service.storage import repository as repo
-from service.storage.database import Database
+from service.storage.database import Database, is_unique_violation
 
 
 @dataclass
@@ -69,6 +73,18 @@ class DenyState:
         else:
             self.agent_cutoffs[agent_id] = max(self.agent_cutoffs.get(agent_id, 0.0), at)
 
+    def apply(self, event: RevocationEvent) -> None:
+        """Apply one committed revocation: the same semantics every guard applies."""
+        if event.jti_hash is not None and event.target == "credential":
+            self.revoked_jtis.add(event.jti_hash)
+        if event.task_ids:
+            if event.source == RevocationSource.TASK_END.value:
+                # The completed task comes first; the rest are sub-tasks it took along.
+                self.close_tasks(event.task_ids[:1], TaskStatus.COMPLETED.value)
+            self.close_tasks(event.task_ids, TaskStatus.REVOKED.value)
+        if event.cutoff is not None:
+            self.cut_off(event.agent_id, event.cutoff)
+
     @classmethod
     async def load(cls, db: Database, now: float) -> DenyState:
         state = cls(revoked_jtis=set(await repo.live_revoked_credentials(db, now)))
@@ -87,13 +103,13 @@ class DenyState:
 @dataclass(frozen=True)
 class Revoked:
     view: RevocationView
-    closed_task_ids: list[str]
+    event: RevocationEvent
 
 
 class Revoker:
-    def __init__(self, db: Database, deny: DenyState, clock: Clock, leeway: int) -> None:
+    def __init__(self, db: Database, propagator: Propagator, clock: Clock, leeway: int) -> None:
         self.db = db
-        self.deny = deny
+        self.propagator = propagator
         self.clock = clock
         self.leeway = leeway
 
@@ -104,34 +120,42 @@ class Revoker:
         reason: str,
         actor: str,
         source: RevocationSource,
-        db: Database | None = None,
+        idempotency_key: str | None = None,
     ) -> RevocationView:
-        """Revoke ``target``; pass ``db`` to join a transaction the caller already holds."""
-        if db is not None:
-            revoked = await self._revoke_in(db, target, reason, actor, source)
-        else:
-            async with self.db.transaction() as tx:
-                revoked = await self._revoke_in(tx, target, reason, actor, source)
-        self.apply(revoked.view, revoked.closed_task_ids)
-        return revoked.view
+        """Revoke ``target`` durably, then propagate. With an ``idempotency_key`` seen
+        before, nothing happens again and the first revocation is returned."""
+        view = await self.revoke_idempotent(
+            target, reason=reason, actor=actor, source=source, idempotency_key=idempotency_key
+        )
+        return view[0]
 
-    def apply(self, view: RevocationView, closed_task_ids: list[str]) -> None:
-        """Apply a committed revocation to the in-memory deny state."""
-        target = view.target
-        status = TaskStatus.COMPLETED if view.source is RevocationSource.TASK_END else None
-        match target:
-            case CredentialTarget(jti=jti):
-                self.deny.revoked_jtis.add(jti_hash(jti))
-            case TaskTarget(task_id=task_id):
-                if status is not None:
-                    self.deny.close_tasks([task_id], status.value)
-                self.deny.close_tasks(closed_task_ids, TaskStatus.REVOKED.value)
-            case AgentTarget(agent_id=agent_id):
-                self.deny.close_tasks(closed_task_ids, TaskStatus.REVOKED.value)
-                self.deny.cut_off(agent_id, view.created_at)
-            case CutoffTarget(agent_id=agent_id, before=before):
-                self.deny.close_tasks(closed_task_ids, TaskStatus.REVOKED.value)
-                self.deny.cut_off(agent_id, before if before is not None else view.created_at)
+    async def revoke_idempotent(
+        self,
+        target: RevocationTarget,
+        *,
+        reason: str,
+        actor: str,
+        source: RevocationSource,
+        idempotency_key: str | None = None,
+    ) -> tuple[RevocationView, bool]:
+        """Like :meth:`revoke`; also says whether this call created the revocation."""
+        if idempotency_key is not None:
+            existing = await repo.revocation_by_idempotency_key(self.db, idempotency_key)
+            if existing is not None:
+                return existing, False
+        try:
+            async with self.db.transaction() as tx:
+                revoked = await self._revoke_in(tx, target, reason, actor, source, idempotency_key)
+        except Exception as exc:
+            # Two callers racing with one key: the loser returns the winner's revocation.
+            if idempotency_key is None or not is_unique_violation(exc):
+                raise
+            existing = await repo.revocation_by_idempotency_key(self.db, idempotency_key)
+            if existing is None:
+                raise
+            return existing, False
+        self.propagator.committed([revoked.event], tasks_changed=True)
+        return revoked.view, True
 
     async def _revoke_in(
         self,
@@ -140,6 +164,7 @@ class Revoker:
         reason: str,
         actor: str,
         source: RevocationSource,
+        idempotency_key: str | None,
     ) -> Revoked:
         now = self.clock.now()
         agent_id: str | None = None
@@ -147,6 +172,7 @@ class Revoker:
         hashed: str | None = None
         cutoff: float | None = None
         closed: list[str] = []
+        task_ids: list[str] = []
         creds = 0
         match target:
             case CredentialTarget(jti=jti):
@@ -169,9 +195,11 @@ class Revoker:
                         tx, children, TaskStatus.REVOKED, at=now, reason="parent task completed"
                     )
                     closed = children
+                    task_ids = [tid, *children]
                 else:
                     await repo.close_tasks(tx, tree, TaskStatus.REVOKED, at=now, reason=reason)
                     closed = tree
+                    task_ids = tree
                 creds = await repo.revoke_credentials_of_tasks(tx, tree, at=now)
             case AgentTarget(agent_id=aid):
                 agent = await repo.get_agent(tx, aid)
@@ -181,6 +209,7 @@ class Revoker:
                 await repo.set_agent_status(tx, aid, AgentStatus.SUSPENDED, at=now, reason=reason)
                 closed = await repo.active_tasks_of_agent(tx, aid)
                 await repo.close_tasks(tx, closed, TaskStatus.REVOKED, at=now, reason=reason)
+                task_ids = closed
                 creds = await repo.revoke_credentials_issued_before(tx, now, aid, at=now)
             case CutoffTarget(before=before, agent_id=aid):
                 cutoff = now if before is None else before
@@ -191,6 +220,7 @@ class Revoker:
                 agent_id = aid
                 closed = await repo.active_tasks_created_before(tx, cutoff, aid)
                 await repo.close_tasks(tx, closed, TaskStatus.REVOKED, at=now, reason=reason)
+                task_ids = closed
                 creds = await repo.revoke_credentials_issued_before(tx, cutoff, aid, at=now)
         view = await repo.insert_revocation(
             tx,
@@ -207,7 +237,29 @@ class Revoker:
             created_at=now,
             affected_tasks=len(closed) + (1 if source is RevocationSource.TASK_END else 0),
             affected_credentials=creds,
+            task_ids=task_ids,
+            idempotency_key=idempotency_key,
         )
+        event = await repo.revocation_event(tx, view.id)
+        if self.propagator.outbox_enabled:
+            await enqueue_revocation(tx, event)
+            owners = await repo.task_agents(tx, task_ids)
+            for closed_id in task_ids:
+                await enqueue_task_event(
+                    tx,
+                    TaskEvent(
+                        event_id=f"{view.id}:{closed_id}",
+                        at=now,
+                        kind=TaskEventKind.CLOSED,
+                        task_id=closed_id,
+                        agent_id=owners.get(closed_id, agent_id or ""),
+                        status=(
+                            TaskStatus.COMPLETED.value
+                            if source is RevocationSource.TASK_END and closed_id == task_id
+                            else TaskStatus.REVOKED.value
+                        ),
+                    ),
+                )
         await repo.append_audit(
             tx,
             at=now,
@@ -222,7 +274,7 @@ class Revoker:
                 "affected_credentials": creds,
             },
         )
-        return Revoked(view=view, closed_task_ids=closed)
+        return Revoked(view=view, event=event)
 
 
 def _target_type(target: RevocationTarget) -> str:

@@ -27,7 +27,9 @@ from service.contracts import (
 )
 from service.credentials import rfc9068
 from service.errors import ClientError, Conflict, NotFound, ScopeViolation
+from service.events import TaskEvent, TaskEventKind
 from service.identity import new_task_id, task_spiffe_id
+from service.propagation import enqueue_task_event
 from service.scopes import ScopeSpec, excess, validate
 from service.storage import repository as repo
 from service.storage.database import Database
@@ -139,6 +141,8 @@ async def open_task(
     async with services.db.transaction() as tx:
         await repo.insert_task(tx, task)
         issued = await _issue(services, tx, task, now, exp_cap=exp_cap, actor_chain=actor_chain)
+        await _announce(services, tx, task, issued, TaskEventKind.OPENED)
+    services.propagator.committed([], tasks_changed=services.propagator.outbox_enabled)
     services.metrics.issued.inc()
     services.metrics.issue_latency.observe(time.perf_counter() - started)
     return issued
@@ -160,6 +164,34 @@ async def _actor_chain(db: Database, parent_id: str) -> dict[str, Any]:
     for spiffe in reversed(ancestors[:-1]):
         chain = {"sub": spiffe, "act": chain}
     return chain
+
+
+async def _announce(
+    services: Services,
+    tx: Database,
+    task: TaskRecord,
+    issued: IssuedCredential,
+    kind: TaskEventKind,
+) -> None:
+    """Queue the task's lifecycle event (with its declared scope) for the tasks topic."""
+    if not services.propagator.outbox_enabled:
+        return
+    await enqueue_task_event(
+        tx,
+        TaskEvent(
+            event_id=f"{task.id}:{rfc9068.jti_hash(issued.jti)[:16]}",
+            at=services.clock.now(),
+            kind=kind,
+            task_id=task.id,
+            agent_id=task.agent_id,
+            parent_id=task.parent_id,
+            status=TaskStatus.ACTIVE.value,
+            spiffe_id=task.spiffe_id,
+            scope=task.scope,
+            deadline=task.deadline,
+            jti_hash=rfc9068.jti_hash(issued.jti),
+        ),
+    )
 
 
 async def _issue(
@@ -239,6 +271,8 @@ async def renew(services: Services, principal: Principal, task_id: str) -> Issue
         if current is None or current.status is not TaskStatus.ACTIVE:
             raise Conflict("task ended while renewing")
         issued = await _issue(services, tx, task, now, exp_cap=None, actor_chain=actor_chain)
+        await _announce(services, tx, task, issued, TaskEventKind.RENEWED)
+    services.propagator.committed([], tasks_changed=services.propagator.outbox_enabled)
     services.metrics.renewed.inc()
     return issued
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from litestar import Controller, get, post
+from litestar import Controller, Response, get, post
 from litestar.di import Provide
 from litestar.params import JSONBody, Parameter
+from litestar.response import ServerSentEvent
 
 from service.api.deps import OPERATOR, PrincipalDep, ServicesDep, problems, provide_principal
+from service.api.sse import HEARTBEAT_SECONDS, revocation_stream
 from service.api.strict import authenticate_guard
-from service.auth import READ, REVOKE, require_operator
+from service.auth import READ, REVOKE, STREAM, require_operator
 from service.contracts import CreateRevocation, Page, RevocationSource, RevocationView, Role
 from service.storage import repository as repo
 
@@ -33,25 +35,54 @@ class RevocationController(Controller):
         "/revocations",
         operation_id="revoke",
         summary="Revoke a credential, task, agent, or everything before a cut-off (analyst)",
+        description="201 with the new revocation; 200 with the first one when "
+        "`idempotency_key` was used before (nothing is revoked twice).",
         status_code=201,
         responses=problems(400, 401, 403, 404, 413),
     )
     async def revoke(
         self, data: JSONBody[CreateRevocation], principal: PrincipalDep, services: ServicesDep
-    ) -> RevocationView:
+    ) -> Response[RevocationView]:
         require_operator(principal, REVOKE)
         source = (
             RevocationSource.DETECTOR
             if principal.role is Role.DETECTOR
             else RevocationSource.ANALYST
         )
-        view = await services.revoker.revoke(
-            data.target, reason=data.reason, actor=principal.actor, source=source
+        view, created = await services.revoker.revoke_idempotent(
+            data.target,
+            reason=data.reason,
+            actor=principal.actor,
+            source=source,
+            idempotency_key=data.idempotency_key,
         )
-        services.metrics.revocations.labels(
-            target=view.target.__struct_config__.tag, source=source.value
-        ).inc()
-        return view
+        if created:
+            services.metrics.revocations.labels(
+                target=view.target.__struct_config__.tag, source=source.value
+            ).inc()
+        return Response(view, status_code=201 if created else 200)
+
+    @get(
+        "/revocations/stream",
+        operation_id="streamRevocations",
+        summary="Revocations as they commit (SSE); resume with Last-Event-ID",
+        description="text/event-stream of `revocation` events (id = seq, data = "
+        "RevocationEvent JSON, docs/events.md) and a `heartbeat` event every "
+        f"{HEARTBEAT_SECONDS:g} s. With `Last-Event-ID: <seq>` every revocation after it is "
+        "replayed first, so a reconnecting guard misses nothing.",
+        responses=problems(401, 403),
+    )
+    async def stream(
+        self,
+        principal: PrincipalDep,
+        services: ServicesDep,
+        last_event_id: Annotated[
+            int | None,
+            Parameter(header="Last-Event-ID", ge=0, le=2**63 - 1, required=False),
+        ] = None,
+    ) -> ServerSentEvent:
+        require_operator(principal, STREAM)
+        return ServerSentEvent(revocation_stream(services, last_event_id or 0))
 
     @get(
         "/revocations",

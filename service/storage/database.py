@@ -212,6 +212,13 @@ class _PostgresTx:
         return None
 
 
+def is_unique_violation(exc: BaseException) -> bool:
+    """True for a UNIQUE constraint failure on either database."""
+    if isinstance(exc, asyncpg.UniqueViolationError):
+        return True
+    return isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" in str(exc)
+
+
 async def open_database(url: str) -> Database:
     """Open the database a ``KS_DATABASE_URL`` names."""
     if url.startswith("sqlite:///"):

@@ -101,6 +101,22 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             )""",
         ],
     ),
+    (
+        2,
+        "transactional outbox, idempotent revocations, revoked task ids",
+        [
+            """CREATE TABLE outbox (
+                seq {serial},
+                topic TEXT NOT NULL,
+                key TEXT NOT NULL,
+                value TEXT NOT NULL,
+                created_at {double} NOT NULL
+            )""",
+            "ALTER TABLE revocations ADD COLUMN idempotency_key TEXT",
+            "ALTER TABLE revocations ADD COLUMN task_ids TEXT NOT NULL DEFAULT '[]'",
+            "CREATE UNIQUE INDEX revocations_idempotency ON revocations (idempotency_key)",
+        ],
+    ),
 ]
 
 

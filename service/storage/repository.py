@@ -26,6 +26,7 @@ from service.contracts import (
     TaskRecord,
     TaskStatus,
 )
+from service.events import RevocationEvent
 from service.scopes import ScopeSpec
 from service.storage.database import Database, Row
 
@@ -33,6 +34,7 @@ _encode = msgspec.json.encode
 _scope_decoder = msgspec.json.Decoder(ScopeSpec)
 _jwk_decoder = msgspec.json.Decoder(dict[str, Any])
 _target_decoder = msgspec.json.Decoder(RevocationTarget)
+_ids_decoder = msgspec.json.Decoder(list[str])
 
 
 def _in(values: Sequence[Any]) -> str:
@@ -232,6 +234,15 @@ async def task_and_descendants(db: Database, task_id: str) -> list[str]:
     return [r["id"] for r in rows]
 
 
+async def task_agents(db: Database, task_ids: Sequence[str]) -> dict[str, str]:
+    if not task_ids:
+        return {}
+    rows = await db.fetch(
+        f"SELECT id, agent_id FROM tasks WHERE id IN ({_in(task_ids)})", *task_ids
+    )
+    return {r["id"]: r["agent_id"] for r in rows}
+
+
 async def active_tasks_of_agent(db: Database, agent_id: str) -> list[str]:
     rows = await db.fetch(
         "SELECT id FROM tasks WHERE agent_id = ? AND status = ?", agent_id, TaskStatus.ACTIVE.value
@@ -400,11 +411,13 @@ async def insert_revocation(
     created_at: float,
     affected_tasks: int,
     affected_credentials: int,
+    task_ids: Sequence[str],
+    idempotency_key: str | None,
 ) -> RevocationView:
     row = await db.fetchrow(
         "INSERT INTO revocations (id, target_type, target, agent_id, task_id, jti_hash, cutoff,"
-        " reason, actor, source, created_at, affected_tasks, affected_credentials)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+        " reason, actor, source, created_at, affected_tasks, affected_credentials, task_ids,"
+        " idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
         revocation_id,
         target_type,
         _encode(target).decode(),
@@ -418,9 +431,70 @@ async def insert_revocation(
         created_at,
         affected_tasks,
         affected_credentials,
+        _encode(list(task_ids)).decode(),
+        idempotency_key,
     )
     assert row is not None  # RETURNING always yields the inserted row
     return _revocation(row)
+
+
+async def revocation_by_idempotency_key(db: Database, key: str) -> RevocationView | None:
+    row = await db.fetchrow("SELECT * FROM revocations WHERE idempotency_key = ?", key)
+    return None if row is None else _revocation(row)
+
+
+def _revocation_event(row: Row) -> RevocationEvent:
+    return RevocationEvent(
+        revocation_id=row["id"],
+        seq=row["seq"],
+        at=row["created_at"],
+        target=row["target_type"],
+        jti_hash=row["jti_hash"],
+        task_ids=_ids_decoder.decode(row["task_ids"]),
+        agent_id=row["agent_id"],
+        cutoff=row["cutoff"],
+        reason=row["reason"],
+        actor=row["actor"],
+        source=row["source"],
+    )
+
+
+async def revocation_events(db: Database, *, after_seq: int, limit: int) -> list[RevocationEvent]:
+    """Revocations as the events guards apply, in commit order of their ``seq``."""
+    rows = await db.fetch(
+        "SELECT * FROM revocations WHERE seq > ? ORDER BY seq LIMIT ?", after_seq, limit
+    )
+    return [_revocation_event(r) for r in rows]
+
+
+async def revocation_event(db: Database, revocation_id: str) -> RevocationEvent:
+    row = await db.fetchrow("SELECT * FROM revocations WHERE id = ?", revocation_id)
+    assert row is not None
+    return _revocation_event(row)
+
+
+# --------------------------------------------------------------------------- outbox
+
+
+async def insert_outbox(db: Database, *, topic: str, key: str, value: bytes, at: float) -> None:
+    """Queue an event for Kafka in the caller's transaction (the transactional outbox)."""
+    await db.execute(
+        "INSERT INTO outbox (topic, key, value, created_at) VALUES (?, ?, ?, ?)",
+        topic,
+        key,
+        value.decode(),
+        at,
+    )
+
+
+async def pending_outbox(db: Database, limit: int) -> list[Row]:
+    return await db.fetch("SELECT seq, topic, key, value FROM outbox ORDER BY seq LIMIT ?", limit)
+
+
+async def delete_outbox(db: Database, seqs: Sequence[int]) -> int:
+    if not seqs:
+        return 0
+    return await db.execute(f"DELETE FROM outbox WHERE seq IN ({_in(seqs)})", *seqs)
 
 
 async def list_revocations(

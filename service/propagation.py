@@ -1,0 +1,178 @@
+"""Propagation: a committed revocation reaches every enforcement point.
+
+Write path (inside the revocation's own database transaction, see service.revocation):
+the :class:`~service.events.RevocationEvent` — and a ``closed`` TaskEvent per task it
+ended — are queued in the ``outbox`` table. Nothing is published before the commit, and
+nothing committed is lost: after a crash the relay finds the rows on start.
+
+After the commit, :meth:`Propagator.committed`
+1. applies the event to the service's own deny state (introspection answers at once),
+2. hands it to the :class:`RevocationHub`, which pushes it to every SSE subscriber,
+3. wakes the :class:`OutboxRelay`, which publishes the queued rows to Kafka at once
+   (no polling interval: a one-second timer is only a safety net) and deletes them when
+   the broker has acknowledged them. A crash between publish and delete re-publishes:
+   harmless, because consumers apply revocations idempotently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+from service.config import Settings
+from service.events import RevocationEvent, TaskEvent, encoder, revocation_key
+from service.storage import repository as repo
+from service.storage.database import Database
+
+if TYPE_CHECKING:
+    from service.revocation import DenyState
+
+log = logging.getLogger("killswitch.propagation")
+
+REVOCATIONS = "revocations"
+TASKS = "tasks"
+
+
+async def enqueue_revocation(db: Database, event: RevocationEvent) -> None:
+    await repo.insert_outbox(
+        db, topic=REVOCATIONS, key=revocation_key(event), value=encoder.encode(event), at=event.at
+    )
+
+
+async def enqueue_task_event(db: Database, event: TaskEvent) -> None:
+    await repo.insert_outbox(
+        db, topic=TASKS, key=event.task_id, value=encoder.encode(event), at=event.at
+    )
+
+
+class Subscription:
+    """One SSE listener's queue. A listener that falls too far behind is cut off (it
+    reconnects with Last-Event-ID and replays from the database) rather than letting an
+    unbounded queue grow."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.queue: asyncio.Queue[RevocationEvent] = asyncio.Queue(maxsize)
+        self.overflowed = False
+
+
+class RevocationHub:
+    def __init__(self, maxsize: int = 10_000) -> None:
+        self._subscribers: set[Subscription] = set()
+        self._maxsize = maxsize
+
+    def subscribe(self) -> Subscription:
+        sub = Subscription(self._maxsize)
+        self._subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._subscribers.discard(sub)
+
+    def publish(self, event: RevocationEvent) -> None:
+        for sub in list(self._subscribers):
+            try:
+                sub.queue.put_nowait(event)
+            except asyncio.QueueFull:
+                sub.overflowed = True
+                self._subscribers.discard(sub)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+
+class OutboxRelay:
+    """Publishes outbox rows to Kafka as soon as a commit wakes it."""
+
+    BATCH = 500
+
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db = db
+        self.settings = settings
+        self.topics = {
+            REVOCATIONS: settings.kafka_revocations_topic,
+            TASKS: settings.kafka_tasks_topic,
+        }
+        self.published = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._producer: Any = None
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    async def start(self) -> None:
+        self._wake.set()  # rows left by a crash are published at once
+        self._task = asyncio.create_task(self._run(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(self._task, timeout=10)
+        if self._producer is not None:
+            await self._producer.stop()
+
+    async def _run(self) -> None:
+        from service import kafka
+
+        failures = 0
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+            self._wake.clear()
+            try:
+                if self._producer is None:
+                    await kafka.ensure_topics(self.settings)
+                    producer = kafka.producer(self.settings, "killswitch-outbox")
+                    await producer.start()
+                    self._producer = producer
+                while await self._drain_once():
+                    pass
+                failures = 0
+            except Exception as exc:  # broker down: keep the rows, retry with backoff
+                failures += 1
+                log.warning("outbox relay: %s (retry %d)", exc, failures)
+                if self._producer is not None:
+                    with contextlib.suppress(Exception):
+                        await self._producer.stop()
+                    self._producer = None
+                await asyncio.sleep(min(0.1 * 2**failures, 5.0))
+                self._wake.set()
+
+    async def _drain_once(self) -> bool:
+        rows = await repo.pending_outbox(self.db, self.BATCH)
+        if not rows:
+            return False
+        sends = [
+            await self._producer.send(
+                self.topics[row["topic"]], value=row["value"].encode(), key=row["key"].encode()
+            )
+            for row in rows
+        ]
+        await asyncio.gather(*sends)
+        await repo.delete_outbox(self.db, [row["seq"] for row in rows])
+        self.published += len(rows)
+        return len(rows) == self.BATCH
+
+
+class Propagator:
+    def __init__(self, deny: DenyState, hub: RevocationHub, relay: OutboxRelay | None) -> None:
+        self.deny = deny
+        self.hub = hub
+        self.relay = relay
+
+    @property
+    def outbox_enabled(self) -> bool:
+        return self.relay is not None
+
+    def committed(self, revocations: list[RevocationEvent], *, tasks_changed: bool) -> None:
+        for event in revocations:
+            self.deny.apply(event)
+            self.hub.publish(event)
+        if self.relay is not None and (revocations or tasks_changed):
+            self.relay.notify()
