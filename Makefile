@@ -10,9 +10,10 @@ install-test:
 	$(PYTHON) -m pip install -q -e '.[test]'
 	bash scripts/ensure-postgres.sh
 
-# Run the service on its embedded defaults (SQLite file + generated key under .killswitch/).
+# Run the whole system on its embedded defaults: tansu broker, service (SQLite + generated
+# key under .killswitch/), detector. Ctrl-C stops everything.
 run: install
-	killswitch serve
+	killswitch up
 
 # The whole test suite (SQLite and a throwaway PostgreSQL, ruff, mypy).
 test: install-test

@@ -83,6 +83,36 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_up(args: argparse.Namespace) -> None:
+    import signal as _signal
+
+    from service.stack import StackError, up
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    _signal.signal(_signal.SIGTERM, _terminate)
+    try:
+        with up(Path(args.data_dir), port=args.port, kafka=args.kafka) as stack:
+            print(stack.banner(), flush=True)
+            if args.demo:
+                from service.demo import run_demo
+
+                run_demo(stack)
+            else:
+                while True:
+                    _signal.pause()
+    except StackError as exc:
+        _die(str(exc))
+    except KeyboardInterrupt:
+        print("\nstopping killswitch...", file=sys.stderr)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    args.demo = True
+    cmd_up(args)
+
+
 def _redact_url(url: str) -> str:
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
@@ -290,6 +320,30 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument(
         "--token", default=os.environ.get("KS_TOKEN"), help="operator token (env KS_TOKEN)"
     )
+
+    for name, text in (
+        ("up", "run the whole system on this machine: broker, service, detector"),
+        ("demo", "run the system and drive simulated agents, one of which goes rogue"),
+    ):
+        p = sub.add_parser(
+            name,
+            help=text,
+            description=text[0].upper() + text[1:] + ". Needs no Docker: the Kafka broker is "
+            "the embedded tansu (memory-only) unless --kafka names one. Prints the service "
+            "URL and an admin token; Ctrl-C stops everything.",
+        )
+        p.add_argument(
+            "--data-dir",
+            default=".killswitch",
+            help="data directory: SQLite, keys, tokens, logs (default %(default)s)",
+        )
+        p.add_argument("--port", type=int, help="service port (default 8080, or a free one)")
+        p.add_argument("--kafka", help="bootstrap servers of an existing Kafka instead of tansu")
+        if name == "up":
+            p.add_argument("--demo", action="store_true", help="also run the demo")
+            p.set_defaults(func=cmd_up)
+        else:
+            p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
         "serve",

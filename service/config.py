@@ -114,6 +114,15 @@ class Settings:
             "otherwise one is generated and printed once.",
         },
     )
+    bootstrap_detector_token: Secret | None = field(
+        default=None,
+        metadata={
+            "env": "KS_BOOTSTRAP_DETECTOR_TOKEN",
+            "doc": "If set and no operator named `detector` exists, one with role detector "
+            "and this token is created at start (how `killswitch up` and compose.yaml wire "
+            "the detector in).",
+        },
+    )
     log_level: str = field(default="info", metadata={"env": "KS_LOG_LEVEL", "doc": "Log level."})
 
     # -- Kafka (docs/events.md, docs/kafka.md) -------------------------------------------
@@ -375,7 +384,7 @@ def _coerce(name: str, env: str, raw: str) -> Any:
             raise ClientError(f"{env} must be an integer, got {raw!r}") from None
     if name in ("data_dir", "key_dir"):
         return Path(raw)
-    if name in ("bootstrap_admin_token", "kafka_sasl_password"):
+    if name in ("bootstrap_admin_token", "bootstrap_detector_token", "kafka_sasl_password"):
         return Secret(raw)
     return raw
 

@@ -52,7 +52,7 @@ async def start(
 ) -> Services:
     """Open and prepare everything; ``bootstrap=False`` skips creating a first admin
     (offline CLI commands must not create one whose token nobody sees)."""
-    from service.operators import ensure_admin
+    from service.operators import ensure_admin, ensure_detector
 
     clock = clock or SystemClock()
     validate_trust_domain(settings.trust_domain)
@@ -90,6 +90,7 @@ async def start(
         )
         if bootstrap:
             services.bootstrap_admin_token = await ensure_admin(services)
+            await ensure_detector(services)
         if relay is not None:
             await relay.start()
     except BaseException:

@@ -56,6 +56,19 @@ async def create(
     return OperatorCreated(operator=view(record), token=token)
 
 
+async def ensure_detector(services: Services) -> None:
+    """Create the ``detector`` operator from KS_BOOTSTRAP_DETECTOR_TOKEN, once."""
+    configured = services.settings.bootstrap_detector_token
+    if configured is None or await repo.get_operator(services.db, "detector") is not None:
+        return
+    await create(
+        services,
+        CreateOperator(name="detector", role=Role.DETECTOR),
+        actor="system:bootstrap",
+        token=configured.reveal(),
+    )
+
+
 async def ensure_admin(services: Services) -> str | None:
     """Create the first admin if there is none; returns a generated token (to print once)."""
     if await repo.count_admins(services.db) > 0:

@@ -415,6 +415,7 @@ class CompiledScope:
         "_default",
         "_grant_texts",
         "_matchers",
+        "_patterns",
         "_patterns_any",
         "grants",
         "spec",
@@ -427,6 +428,7 @@ class CompiledScope:
     _default: _Matcher | None
     _grant_texts: frozenset[str]
     _matchers: dict[str, _Matcher | None]
+    _patterns: dict[str, _Pattern]
     _patterns_any: tuple[_Pattern, ...]
 
     def __init__(self, spec: ScopeSpec) -> None:
@@ -454,6 +456,7 @@ class CompiledScope:
         setter(self, "_grant_texts", frozenset(spec.grants))
         setter(self, "_by_action", by_action)
         setter(self, "_patterns_any", patterns_any)
+        setter(self, "_patterns", patterns)
 
     def __setattr__(self, name: str, value: object) -> NoReturn:
         raise AttributeError(f"CompiledScope is immutable; cannot set {name!r}")
@@ -477,17 +480,17 @@ class CompiledScope:
         """Exact membership: an empty audience list allows no audience at all."""
         return audience in self._audiences
 
-    def _contains_grant(self, grant: Grant) -> bool:
+    def _contains(self, grant: Grant, child: _Pattern) -> bool:
+        """Whether ``grant`` (whose resource pattern is ``child``) is within one grant here."""
         if str(grant) in self._grant_texts:
             return True
-        if "*" not in grant.resource:
+        if child.is_literal:
             # A concrete resource is within the scope exactly when the scope covers it.
             return self.covers(grant.action, grant.resource)
         if grant.action == "*":
             candidates: tuple[_Pattern, ...] = self._patterns_any
         else:
             candidates = self._by_action.get(grant.action, self._patterns_any)
-        child = _Pattern(grant.resource)
         return any(parent.contains(child) for parent in candidates)
 
 
@@ -501,12 +504,12 @@ def compile_scope(spec: ScopeSpec) -> CompiledScope:
 
     Raises ``ScopeSyntaxError`` if the spec is invalid.
     """
-    grants: object = spec.grants
-    audiences: object = spec.audiences
-    if not (isinstance(grants, tuple) and isinstance(audiences, tuple)):
-        # A spec built by hand with lists is unhashable; its normal form is not.
-        spec = validate(spec)
-    return _compile_cached(spec)
+    try:
+        return _compile_cached(spec)
+    except TypeError:
+        # Unhashable: built by hand with lists (or junk). validate() repairs the lists
+        # into a hashable normal form, or raises for the junk.
+        return _compile_cached(validate(spec))
 
 
 def covers(spec: ScopeSpec, action: str, resource: str) -> bool:
@@ -526,7 +529,11 @@ def excess(child: ScopeSpec, parent: ScopeSpec) -> list[str]:
     """
     inner = compile_scope(child)
     outer = compile_scope(parent)
-    found = [f"grant {str(g)!r}" for g in inner.grants if not outer._contains_grant(g)]
+    found = [
+        f"grant {str(grant)!r}"
+        for grant in inner.grants
+        if not outer._contains(grant, inner._patterns[grant.resource])
+    ]
     found += [
         f"audience {audience!r}"
         for audience in inner.spec.audiences
@@ -554,7 +561,7 @@ def to_scope_claim(spec: ScopeSpec) -> str:
     RFC 9068 §2.2.3 carries the scope of a JWT access token in ``scope`` as defined by
     RFC 8693 §4.2: space-delimited scope tokens (RFC 6749 §3.3). Grants cannot contain
     whitespace, so the join is unambiguous. Audiences go to ``aud`` and limits to the
-    task record, not here.
+    ``task`` claim, not here.
     """
     return " ".join(compile_scope(spec).spec.grants)
 

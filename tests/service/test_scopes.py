@@ -269,6 +269,10 @@ def test_validate_repairs_hand_built_lists_and_rejects_a_bare_string() -> None:
         validate(ScopeSpec(grants=cast(tuple[str, ...], "call:t")))
     with pytest.raises(ScopeSyntaxError, match="not a string"):
         validate(ScopeSpec(grants=cast(tuple[str, ...], ("call:t", 7))))
+    with pytest.raises(ScopeSyntaxError, match="not a string"):
+        compile_scope(ScopeSpec(grants=cast(tuple[str, ...], (["call:t"],))))
+    with pytest.raises(ScopeSyntaxError, match="limits must be a Limits"):
+        compile_scope(ScopeSpec(grants=("call:t",), limits=cast(Limits, {"max_calls": 1})))
 
 
 def test_scope_spec_decodes_strictly() -> None:
@@ -578,7 +582,8 @@ def instantiate(data: st.DataObject, pattern: str, *, loose: bool = False) -> st
 
 # Replacements that keep a pattern within the original, and some that widen it.
 NARROWER = {"*": ["*", "", "a", "a*", "*b", ".", "*.*"], "**": ["**", "*", "", "a/", "*/**", "/"]}
-WIDER = {"*": ["**", "/", "a/*", "*/", "*/*"], "**": [], "": ["*", "**", "/", "a"]}
+WIDER = {"*": ["**", "/", "a/*", "*/", "*/*"], "**": []}
+WIDER_LITERAL = ["*", "**", "/", "a"]
 
 
 @st.composite
@@ -590,7 +595,7 @@ def nearby_pattern(draw: st.DrawFn, pattern: str, *, wider: bool) -> str:
         # Widen wildcards more often than literals: a changed literal mostly just fails
         # the containment check early, a widened wildcard probes it.
         if wider and draw(st.integers(0, 3)) < (2 if sym.startswith("*") else 1):
-            choices = choices + WIDER.get(sym, WIDER[""])
+            choices = choices + WIDER.get(sym, WIDER_LITERAL)
         out.append(draw(st.sampled_from(choices)))
     return re.sub(r"\*{3,}", "**", "".join(out)) or pattern
 
@@ -633,13 +638,18 @@ def children(parent: ScopeSpec) -> st.SearchStrategy[ScopeSpec]:
 # parent cannot take one.
 STAR_FILLS = ("", "a", ".b")
 DOUBLE_STAR_FILLS = ("", "/", "a/b.")
+# Fills that break the pattern's rules ('/' or a newline under '*'): near misses.
+LOOSE_FILLS = ("", "a", "/", "\n/a")
 
 
-def instantiations(pattern: str, limit: int = 81) -> list[str]:
-    """Concrete strings the pattern matches: each wildcard filled every small way."""
+def instantiations(pattern: str, limit: int = 81, *, loose: bool = False) -> list[str]:
+    """Concrete strings the pattern matches: each wildcard filled every small way.
+
+    With ``loose`` every wildcard takes ``LOOSE_FILLS``, so some results do not match.
+    """
+    star, double_star = (LOOSE_FILLS, LOOSE_FILLS) if loose else (STAR_FILLS, DOUBLE_STAR_FILLS)
     options = [
-        STAR_FILLS if sym == "*" else DOUBLE_STAR_FILLS if sym == "**" else (sym,)
-        for sym in symbols(pattern)
+        star if sym == "*" else double_star if sym == "**" else (sym,) for sym in symbols(pattern)
     ]
     return ["".join(parts) for parts in itertools.islice(itertools.product(*options), limit)]
 
@@ -680,16 +690,20 @@ def test_subset_is_sound_for_arbitrary_pairs(data: st.DataObject) -> None:
 
 
 @settings(PROPERTY, max_examples=300)
-@given(parent=patterns, data=st.data())
-def test_pattern_containment_is_sound(parent: str, data: st.DataObject) -> None:
-    # One grant each side, so every example exercises the resource-pattern check.
+@given(parent=patterns, parent_action=st.sampled_from(ACTIONS), data=st.data())
+def test_grant_containment_is_sound(parent: str, parent_action: str, data: st.DataObject) -> None:
+    # One grant each side, so every example exercises the grant-level check.
     child = data.draw(nearby_pattern(parent, wider=True))
-    contained = is_subset(scope(f"read:{child}"), scope(f"read:{parent}"))
+    child_action = data.draw(st.sampled_from([parent_action, parent_action, *ACTIONS]))
+    outer = scope(f"{parent_action}:{parent}")
+    contained = is_subset(scope(f"{child_action}:{child}"), outer)
     event(f"contained={contained}")
     if contained:
-        for resource in instantiations(child):
-            assert reference_match(child, resource)
-            assert reference_match(parent, resource), (child, parent, resource)
+        for action in CONCRETE_ACTIONS if child_action == "*" else (child_action,):
+            for resource in instantiations(child):
+                assert reference_match(child, resource)
+                assert reference_match(parent, resource), (child, parent, resource)
+                assert covers(outer, action, resource), (child_action, action)
 
 
 @PROPERTY
@@ -750,16 +764,18 @@ def test_covers_agrees_with_reference_matcher(data: st.DataObject) -> None:
         st.lists(st.builds("{}:{}".format, st.sampled_from(ACTIONS), wide_patterns), min_size=1)
     )
     spec = ScopeSpec(grants=tuple(grants[:4]))
-    action = data.draw(st.sampled_from(CONCRETE_ACTIONS))
-    pattern = data.draw(st.sampled_from(grants[:4])).partition(":")[2]
-    resource = data.draw(
-        st.one_of(
-            st.text("a/.*?[(\\$\n", max_size=10),
-            st.just(instantiate(data, pattern)),
-            st.just(instantiate(data, pattern, loose=True)),
-        )
-    )
-    assert covers(spec, action, resource) == reference_covers(spec, action, resource)
+    # Aim at one grant, so the resource is often one it (nearly) matches.
+    grant_action, _, pattern = data.draw(st.sampled_from(grants[:4])).partition(":")
+    actions = CONCRETE_ACTIONS if grant_action == "*" else (grant_action, *CONCRETE_ACTIONS)
+    action = data.draw(st.sampled_from(actions))
+    resources = [
+        data.draw(st.text("a/.*?[(\\$\n", max_size=10)),
+        instantiate(data, pattern),
+        instantiate(data, pattern, loose=True),
+        *instantiations(pattern, loose=True),
+    ]
+    for resource in resources:
+        assert covers(spec, action, resource) == reference_covers(spec, action, resource)
 
 
 printable_resources = st.text(

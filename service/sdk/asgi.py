@@ -1,0 +1,226 @@
+"""``GuardMiddleware``: a pure ASGI middleware that puts a :class:`Guard` in front of an app.
+
+Works with any ASGI 3 framework (litestar, starlette, FastAPI, …). For each HTTP request
+it reads ``Authorization: Bearer <credential>``, asks the guard about
+``(action_for(scope), resource_for(scope))`` and either passes the request on — with the
+verified claims in ``scope["state"]["killswitch"]`` — or answers itself with an RFC 9457
+``application/problem+json`` body:
+
+======================  ======  ==================================================
+verdict outcome         status  ``WWW-Authenticate`` (RFC 6750 §3)
+======================  ======  ==================================================
+no credential           401     ``Bearer realm="…"`` (no error code, §3.1)
+invalid_token           401     ``Bearer realm="…", error="invalid_token", …``
+insufficient_scope      403     ``Bearer realm="…", error="insufficient_scope", …``
+revoked                 403     ``Bearer realm="…", error="invalid_token", …``
+unavailable (fail       503     none; ``Retry-After: 1``
+closed: feed stale)
+======================  ======  ==================================================
+
+The one ``UsageEvent`` of the request is emitted when the response has been sent, with
+``bytes_out`` = the response body bytes the app (or the denial) produced. Lifespan and
+other scope types pass through untouched; websockets are checked like HTTP and closed
+with code 1008 (policy violation) when denied.
+
+This module imports nothing from litestar or the database.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+
+import msgspec
+
+from service.events import Source
+from service.sdk.guard import Guard, Outcome, Verdict
+
+__all__ = ["GuardMiddleware", "default_action", "default_resource"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+PROBLEM_TYPE = "urn:killswitch:problem:"
+_TITLES = {
+    401: ("token-rejected", "Token rejected"),
+    403: ("forbidden", "Forbidden"),
+    503: ("revocation-state-unavailable", "Revocation state unavailable"),
+}
+
+_STATUS = {
+    Outcome.INVALID: 401,
+    Outcome.FORBIDDEN: 403,
+    Outcome.REVOKED: 403,
+    Outcome.UNAVAILABLE: 503,
+}
+
+
+def default_action(scope: Scope) -> str:
+    """The HTTP method (``GET``, ``POST`` …); ``WS`` for a websocket."""
+    method: str = scope.get("method", "WS")
+    return method
+
+
+def default_resource(scope: Scope) -> str:
+    """``scheme://host[:port]/root_path/path`` (no query string).
+
+    The host comes from the ``Host`` header; behind a proxy, or if one app answers for
+    several names, pass ``resource_for`` with a fixed origin instead.
+    """
+    host = ""
+    for name, value in scope.get("headers", ()):
+        if name == b"host":
+            host = value.decode("latin-1")
+            break
+    if not host and scope.get("server"):
+        server_host, port = scope["server"]
+        host = f"{server_host}:{port}" if port not in (None, 80, 443) else server_host
+    scheme = scope.get("scheme", "http")
+    return f"{scheme}://{host}{scope.get('root_path', '')}{scope['path']}"
+
+
+def _has_dot_segments(path: str) -> bool:
+    return any(segment in (".", "..") for segment in path.split("/"))
+
+
+class GuardMiddleware:
+    """Enforce ``guard`` on every HTTP/websocket request except ``skip_paths``."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        guard: Guard,
+        *,
+        action_for: Callable[[Scope], str] = default_action,
+        resource_for: Callable[[Scope], str] = default_resource,
+        skip_paths: Iterable[str] = (),
+        source_for: Callable[[Scope], Source] | None = None,
+        realm: str = "killswitch",
+    ) -> None:
+        self.app = app
+        self.guard = guard
+        self.action_for = action_for
+        self.resource_for = resource_for
+        self.skip_paths = frozenset(skip_paths)
+        self.source_for = source_for or _source
+        self.realm = realm
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket") or scope["path"] in self.skip_paths:
+            await self.app(scope, receive, send)
+            return
+        token = _bearer(scope)
+        action = self.action_for(scope)
+        resource = self.resource_for(scope)
+        source = self.source_for(scope)
+        guard = self.guard
+        if token is None:
+            verdict = Verdict(allowed=False, reason="missing token", outcome=Outcome.INVALID)
+        else:
+            verdict = await guard.check(token, action, resource, emit=False)
+            if verdict.allowed and _has_dot_segments(scope["path"]):
+                # Patterns match the path as given: '..' could climb out of a granted prefix.
+                verdict = msgspec.structs.replace(
+                    verdict, allowed=False, reason="non-canonical path", outcome=Outcome.FORBIDDEN
+                )
+        if verdict.allowed:
+            await self._forward(scope, receive, send, verdict, action, resource, source)
+            return
+        sent = await self._deny(scope, send, verdict, token is not None)
+        guard.record(verdict, action, resource, bytes_out=sent, source=source)
+
+    async def _forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        verdict: Verdict,
+        action: str,
+        resource: str,
+        source: Source,
+    ) -> None:
+        state = scope.setdefault("state", {})
+        state["killswitch"] = verdict.claims
+        sent = 0
+
+        async def counting_send(message: Message) -> None:
+            nonlocal sent
+            if message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            elif message["type"] == "websocket.send":
+                sent += len(message.get("bytes") or b"") + len((message.get("text") or "").encode())
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.guard.record(verdict, action, resource, bytes_out=sent, source=source)
+
+    async def _deny(self, scope: Scope, send: Send, verdict: Verdict, had_token: bool) -> int:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": verdict.reason[:120]})
+            return 0
+        outcome = verdict.outcome
+        status = _STATUS[outcome]
+        slug, title = _TITLES[status]
+        body = json.dumps(
+            {
+                "type": PROBLEM_TYPE + slug,
+                "title": title,
+                "status": status,
+                "detail": verdict.reason,
+                "instance": scope["path"],
+            }
+        ).encode()
+        headers = [
+            (b"content-type", b"application/problem+json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        challenge = self._challenge(outcome, verdict.reason, had_token)
+        if challenge:
+            headers.append((b"www-authenticate", challenge.encode("latin-1", "replace")))
+        if status == 503:
+            headers.append((b"retry-after", b"1"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        return len(body)
+
+    def _challenge(self, outcome: Outcome, reason: str, had_token: bool) -> str | None:
+        realm = f'Bearer realm="{self.realm}"'
+        if not had_token:
+            return realm  # RFC 6750 §3.1: no error code when no credential was sent
+        description = reason.replace("\\", "").replace('"', "'")[:200]
+        if outcome in (Outcome.INVALID, Outcome.REVOKED):
+            return f'{realm}, error="invalid_token", error_description="{description}"'
+        if outcome is Outcome.FORBIDDEN:
+            return f'{realm}, error="insufficient_scope", error_description="{description}"'
+        return None
+
+
+def _bearer(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            text: str = value.decode("latin-1")
+            scheme, _, credential = text.partition(" ")
+            credential = credential.strip()
+            return credential if scheme.lower() == "bearer" and credential else None
+    return None
+
+
+def _source(scope: Scope) -> Source:
+    address = None
+    client = scope.get("client")
+    if client:
+        address = str(client[0])
+    user_agent = None
+    for name, value in scope.get("headers", ()):
+        if name == b"user-agent":
+            user_agent = value.decode("latin-1")[:2048]
+            break
+    return Source(address=address, user_agent=user_agent)

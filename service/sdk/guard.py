@@ -1,0 +1,602 @@
+"""The guard: decides, at a resource server, whether a killswitch credential may do this.
+
+``Guard.check_sync(token, action, resource)`` runs, in order:
+
+1. **Verify** (first sight of a token only — RFC 9068 §4 and RFC 7515 §5.2): compact JWS
+   with three parts; header ``typ`` ``at+jwt`` (§4 item 1), ``alg`` EdDSA or ES256 and
+   equal to the algorithm of the ``kid``'s key in the issuer's JWKS (refetched, rate
+   limited, when a ``kid`` is unknown: key rotation); signature; ``iss`` equal to the
+   issuer (§4 item 3); ``aud`` containing this guard's audience (§4 item 4); ``exp`` and
+   ``nbf`` with leeway, ``iat`` not in the future; the task and scope claims well formed.
+   A verified token is cached by its exact string until it expires, with its scope
+   precompiled (``service.scopes.compile_scope``).
+2. **Expiry** against the injected clock (cached tokens too).
+3. **Fail closed**: deny with ``revocation feed not ready`` / ``revocation feed stale``
+   when the feed has not finished its replay or has not been heard from for
+   ``max_staleness`` seconds.
+4. **Revocation** state (revoked jti, closed task, global and per-agent cut-offs).
+5. **Scope**: ``CompiledScope.covers(action, resource)``.
+
+The cached path is synchronous and allocation-light (dictionary hits, one regex match,
+one ``UsageEvent``). Every check emits exactly one ``UsageEvent`` (allowed or denied, with
+the reason) through :class:`~service.sdk.usage.UsageEmitter`, which never blocks.
+
+The guard never raises for a bad token: it returns a :class:`Verdict`. It imports
+nothing from litestar or the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any, Final
+
+import httpx
+import msgspec
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from service.credentials.jwk import PublicKey, b64url_decode, load_public_jwk
+from service.errors import KillSwitchError
+from service.events import Decision, Source, UsageEvent
+from service.scopes import CompiledScope, compile_scope, from_scope_claim
+from service.sdk.revocations import RevocationFeed, RevocationState, jti_key
+from service.sdk.usage import UsageEmitter
+
+__all__ = ["ALGORITHMS", "TOKEN_TYPES", "Guard", "Outcome", "Verdict"]
+
+log = logging.getLogger("killswitch.sdk.guard")
+
+TOKEN_TYPES: Final = frozenset({"at+jwt", "application/at+jwt"})
+ALGORITHMS: Final = frozenset({"EdDSA", "ES256"})
+MAX_TOKEN_LENGTH: Final = 16_384
+_TEXT_MAX: Final = 2048  # service.events.Text: longer fields would dead-letter the event
+_UNKNOWN: Final = "-"
+_NO_SOURCE: Final = Source()
+UNKNOWN_KID: Final = "unknown signing key (kid)"
+
+
+class Outcome(StrEnum):
+    """Why a verdict is what it is, coarse enough to pick an HTTP status."""
+
+    ALLOWED = "allowed"
+    INVALID = "invalid_token"
+    """Missing, malformed, forged, expired, or not for this audience (HTTP 401)."""
+    FORBIDDEN = "insufficient_scope"
+    """Valid, but the action/resource is outside the declared scope (HTTP 403)."""
+    REVOKED = "revoked"
+    """Valid signature, but revoked: credential, task, agent or cut-off (HTTP 403)."""
+    UNAVAILABLE = "unavailable"
+    """The guard cannot vouch for revocation state: fail closed (HTTP 503)."""
+
+
+class Verdict(msgspec.Struct, frozen=True, kw_only=True):
+    """The answer to one check. ``claims`` is set whenever the signature verified."""
+
+    allowed: bool
+    reason: str
+    claims: dict[str, Any] | None = None
+    outcome: Outcome = Outcome.INVALID
+    agent_id: str = _UNKNOWN
+    task_id: str = _UNKNOWN
+    jti_hash: str = _UNKNOWN
+
+
+class _Entry:
+    """A verified token, as the cached path needs it."""
+
+    __slots__ = (
+        "agent_id",
+        "allow",
+        "claims",
+        "expires",
+        "iat",
+        "jti_hash",
+        "key",
+        "scope",
+        "task_id",
+    )
+
+    def __init__(
+        self,
+        claims: dict[str, Any],
+        scope: CompiledScope,
+        expires: float,
+        jti_hash: str,
+        task_id: str,
+        agent_id: str,
+        iat: float,
+    ) -> None:
+        self.claims = claims
+        self.scope = scope
+        self.expires = expires
+        self.jti_hash = jti_hash
+        self.key = jti_key(jti_hash)
+        self.task_id = task_id
+        self.agent_id = agent_id
+        self.iat = iat
+        self.allow = self.verdict(True, "allowed", Outcome.ALLOWED)
+
+    def verdict(self, allowed: bool, reason: str, outcome: Outcome) -> Verdict:
+        return Verdict(
+            allowed=allowed,
+            reason=reason,
+            claims=self.claims,
+            outcome=outcome,
+            agent_id=self.agent_id,
+            task_id=self.task_id,
+            jti_hash=self.jti_hash,
+        )
+
+
+class _Rejected(Exception):
+    def __init__(self, reason: str, *, cacheable: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.cacheable = cacheable
+
+
+def default_guard_id() -> str:
+    return f"{socket.gethostname()}/{os.getpid()}"
+
+
+class Guard:
+    """Local verification + live revocation state + scope enforcement + usage reporting.
+
+    ``feed`` (and ``usage``, if given) are started and stopped with the guard. ``clock``
+    is wall-clock time for ``exp``/``nbf``/``iat``; feed staleness is measured with
+    ``time.monotonic``.
+    """
+
+    def __init__(
+        self,
+        issuer: str,
+        audience: str,
+        feed: RevocationFeed,
+        *,
+        jwks_url: str | None = None,
+        max_staleness: float = 5.0,
+        usage: UsageEmitter | None = None,
+        clock: Callable[[], float] = time.time,
+        cache_size: int = 100_000,
+        leeway: float = 5.0,
+        jwks_min_interval: float = 5.0,
+        guard_id: str | None = None,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.issuer = issuer.rstrip("/")
+        self.audience = audience
+        self.feed = feed
+        self.jwks_url = jwks_url or f"{self.issuer}/.well-known/jwks.json"
+        self.max_staleness = max_staleness
+        self.usage = usage
+        self.cache_size = cache_size
+        self.leeway = leeway
+        self.jwks_min_interval = jwks_min_interval
+        self.guard_id = guard_id or default_guard_id()
+        self.jwks_fetches = 0
+        self._clock = clock
+        self._state: RevocationState = feed.state
+        self._http = http
+        self._own_http = http is None
+        self._keys: dict[str, tuple[str, PublicKey]] = {}
+        self._headers: dict[str, tuple[str, str]] = {}
+        self._cache: dict[str, _Entry] = {}
+        self._rejected: dict[str, tuple[Verdict, float]] = {}
+        self._last_fetch = float("-inf")
+        self._refetch: asyncio.Task[bool] | None = None
+        self._event_ids = itertools.count()
+        self._event_prefix = secrets.token_hex(6) + "-"
+        self._started = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Fetch the JWKS and start the feed (and usage emitter); returns before ready."""
+        if self._started:
+            return
+        self._started = True
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=10.0)
+        if self.usage is not None:
+            await self.usage.start()
+        await self.feed.start()
+        await self.refresh_keys(force=True)
+
+    async def stop(self) -> None:
+        """Stop the feed, flush and stop the usage emitter (idempotent)."""
+        if not self._started:
+            return
+        self._started = False
+        if self._refetch is not None:
+            self._refetch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._refetch
+        await self.feed.stop()
+        if self.usage is not None:
+            await self.usage.stop()
+        if self._own_http and self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def __aenter__(self) -> Guard:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def ready(self) -> bool:
+        """Signing keys known and the revocation feed caught up and fresh."""
+        return bool(self._keys) and not self.feed.stale(time.monotonic(), self.max_staleness)
+
+    async def wait_ready(self) -> None:
+        """Wait until :attr:`ready` (bound it with ``asyncio.timeout``)."""
+        await self.feed.ready.wait()
+        while not self.ready:
+            if not self._keys:
+                await self.refresh_keys()
+            await asyncio.sleep(0.01)
+
+    # ------------------------------------------------------------------ keys
+
+    async def refresh_keys(self, *, force: bool = False) -> bool:
+        """Refetch the JWKS unless one was fetched within ``jwks_min_interval``.
+
+        Returns whether a fetch happened and succeeded. Keys are only ever added: a
+        rotated-out key stays usable for the tokens it signed until they expire.
+        """
+        now = time.monotonic()
+        if not force and now - self._last_fetch < self.jwks_min_interval:
+            return False
+        self._last_fetch = now
+        http = self._http
+        if http is None:
+            return False
+        self.jwks_fetches += 1
+        try:
+            response = await http.get(self.jwks_url)
+            response.raise_for_status()
+            document = msgspec.json.decode(response.content)
+        except (httpx.HTTPError, msgspec.DecodeError) as exc:
+            log.warning("JWKS fetch from %s failed: %s", self.jwks_url, exc)
+            return False
+        if self.add_keys(document) == 0:
+            log.warning("JWKS at %s holds no usable key", self.jwks_url)
+            return False
+        return True
+
+    def add_keys(self, jwks: object) -> int:
+        """Learn the keys of a JWKS document (RFC 7517 §5); returns how many were usable.
+
+        ``refresh_keys`` calls this with what it fetched; call it yourself to pin keys
+        (an air-gapped resource server, a benchmark).
+        """
+        keys = jwks.get("keys") if isinstance(jwks, dict) else None
+        if not isinstance(keys, list):
+            return 0
+        usable = 0
+        for jwk in keys:
+            kid = jwk.get("kid") if isinstance(jwk, dict) else None
+            if not isinstance(kid, str):
+                continue
+            try:
+                self._keys[kid] = load_public_jwk(jwk)
+            except KillSwitchError as exc:
+                log.warning("JWKS key %s skipped: %s", kid, exc.detail)
+                continue
+            usable += 1
+        return usable
+
+    def _schedule_refetch(self) -> None:
+        if self._refetch is not None and not self._refetch.done():
+            return
+        if time.monotonic() - self._last_fetch < self.jwks_min_interval:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # called outside the event loop: the async check() refetches
+        self._refetch = loop.create_task(self.refresh_keys())
+
+    # ------------------------------------------------------------------ checks
+
+    async def check(
+        self,
+        token: str,
+        action: str,
+        resource: str,
+        *,
+        bytes_out: int = 0,
+        source: Source | None = None,
+        emit: bool = True,
+    ) -> Verdict:
+        """:meth:`check_sync`, but an unknown ``kid`` first refetches the JWKS (rotation)."""
+        verdict = self.check_sync(token, action, resource, emit=False)
+        if verdict.reason == UNKNOWN_KID:
+            refetch = self._refetch
+            if refetch is not None and not refetch.done():
+                # shield: a cancelled request must not cancel the fetch others wait on
+                await asyncio.shield(refetch)
+                verdict = self.check_sync(token, action, resource, emit=False)
+        if emit:
+            self.record(verdict, action, resource, bytes_out=bytes_out, source=source)
+        return verdict
+
+    def check_sync(
+        self,
+        token: str,
+        action: str,
+        resource: str,
+        *,
+        bytes_out: int = 0,
+        source: Source | None = None,
+        emit: bool = True,
+    ) -> Verdict:
+        """Decide, without awaiting anything. ``emit=False`` leaves reporting to :meth:`record`."""
+        entry = self._cache.get(token)
+        now = self._clock()
+        if entry is None:
+            admitted = self._admit(token, now)
+            if isinstance(admitted, Verdict):
+                if emit:
+                    self.record(admitted, action, resource, bytes_out=bytes_out, source=source)
+                return admitted
+            entry = admitted
+        if now >= entry.expires:
+            self._cache.pop(token, None)
+            verdict = entry.verdict(False, "token expired", Outcome.INVALID)
+        else:
+            feed = self.feed
+            state = self._state
+            if not feed.ready.is_set():
+                verdict = entry.verdict(False, "revocation feed not ready", Outcome.UNAVAILABLE)
+            elif time.monotonic() - feed.last_heard > self.max_staleness:
+                verdict = entry.verdict(False, "revocation feed stale", Outcome.UNAVAILABLE)
+            elif (
+                dead := state.reason_denied_key(entry.key, entry.task_id, entry.agent_id, entry.iat)
+            ) is not None:
+                verdict = entry.verdict(False, dead, Outcome.REVOKED)
+            elif entry.scope.covers(action, resource):
+                verdict = entry.allow
+            else:
+                verdict = entry.verdict(
+                    False, f"{action} {resource[:200]} is outside the scope", Outcome.FORBIDDEN
+                )
+        if emit:
+            self.record(verdict, action, resource, bytes_out=bytes_out, source=source)
+        return verdict
+
+    def record(
+        self,
+        verdict: Verdict,
+        action: str,
+        resource: str,
+        *,
+        bytes_out: int = 0,
+        source: Source | None = None,
+    ) -> None:
+        """Emit the one ``UsageEvent`` of a check (never blocks; no-op without an emitter)."""
+        usage = self.usage
+        if usage is None:
+            return
+        if len(resource) > _TEXT_MAX:
+            resource = resource[:_TEXT_MAX]
+        if len(action) > _TEXT_MAX:
+            action = action[:_TEXT_MAX]
+        allowed = verdict.allowed
+        usage.emit(
+            UsageEvent(
+                event_id=self._event_prefix + str(next(self._event_ids)),
+                at=self._clock(),
+                agent_id=verdict.agent_id,
+                task_id=verdict.task_id,
+                jti_hash=verdict.jti_hash,
+                action=action,
+                resource=resource,
+                audience=self.audience,
+                decision=Decision.ALLOW if allowed else Decision.DENY,
+                reason=None if allowed else verdict.reason,
+                bytes_out=bytes_out,
+                source=source or _NO_SOURCE,
+                guard=self.guard_id,
+            )
+        )
+
+    # ------------------------------------------------------------------ cold path
+
+    def _admit(self, token: str, now: float) -> _Entry | Verdict:
+        rejected = self._rejected.get(token)
+        if rejected is not None:
+            verdict, until = rejected
+            if now < until:
+                return verdict
+            del self._rejected[token]
+        try:
+            claims = self._verify_signature(token)
+        except _Rejected as exc:
+            verdict = Verdict(
+                allowed=False,
+                reason=exc.reason,
+                outcome=Outcome.INVALID,
+                jti_hash=hashlib.sha256(token.encode()).hexdigest(),
+            )
+            if exc.cacheable:
+                self._remember_rejection(token, verdict, now)
+            return verdict
+        try:
+            entry = self._entry(claims, now)
+        except _Rejected as exc:
+            verdict = _attributed(claims, exc.reason, token)
+            if exc.cacheable:
+                self._remember_rejection(token, verdict, now)
+            return verdict
+        cache = self._cache
+        if len(cache) >= self.cache_size:
+            self._evict(now)
+        cache[token] = entry
+        return entry
+
+    def _verify_signature(self, token: str) -> dict[str, Any]:
+        """RFC 7515 §5.2 for a compact JWS, with RFC 9068 §4's header rules."""
+        if not token:
+            raise _Rejected("missing token")
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise _Rejected("malformed token: too long")
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise _Rejected("malformed token: not a compact JWS", cacheable=True)
+        header_b64, payload_b64, signature_b64 = parts
+        header = self._headers.get(header_b64)
+        if header is None:
+            header = self._parse_header(header_b64)
+        alg, kid = header
+        found = self._keys.get(kid)
+        if found is None:
+            self._schedule_refetch()
+            raise _Rejected(UNKNOWN_KID)
+        key_alg, key = found
+        if alg != key_alg:
+            raise _Rejected(f"algorithm {alg} is not the key's ({key_alg})", cacheable=True)
+        try:
+            signature = b64url_decode(signature_b64)
+            signing_input = token[: len(header_b64) + 1 + len(payload_b64)].encode("ascii")
+            if isinstance(key, ed25519.Ed25519PublicKey):
+                key.verify(signature, signing_input)
+            else:
+                if len(signature) != 64:  # RFC 7518 §3.4: R || S, 32 bytes each
+                    raise InvalidSignature
+                r = int.from_bytes(signature[:32], "big")
+                s = int.from_bytes(signature[32:], "big")
+                key.verify(encode_dss_signature(r, s), signing_input, ec.ECDSA(hashes.SHA256()))
+        except (InvalidSignature, ValueError, UnicodeEncodeError):
+            raise _Rejected("invalid signature", cacheable=True) from None
+        try:
+            claims = msgspec.json.decode(b64url_decode(payload_b64))
+        except (msgspec.DecodeError, ValueError):
+            raise _Rejected("malformed token: payload is not JSON", cacheable=True) from None
+        if not isinstance(claims, dict):
+            raise _Rejected("malformed token: payload is not an object", cacheable=True)
+        return claims
+
+    def _parse_header(self, header_b64: str) -> tuple[str, str]:
+        try:
+            header = msgspec.json.decode(b64url_decode(header_b64))
+        except (msgspec.DecodeError, ValueError):
+            raise _Rejected("malformed token: header is not JSON", cacheable=True) from None
+        if not isinstance(header, dict):
+            raise _Rejected("malformed token: header is not an object", cacheable=True)
+        if header.get("typ") not in TOKEN_TYPES:
+            raise _Rejected("token type must be at+jwt (RFC 9068 §4)", cacheable=True)
+        alg, kid = header.get("alg"), header.get("kid")
+        if alg not in ALGORITHMS:
+            raise _Rejected(f"algorithm {alg!r} not accepted", cacheable=True)
+        if not isinstance(kid, str) or not isinstance(alg, str):
+            raise _Rejected("malformed token: no kid", cacheable=True)
+        if "crit" in header:
+            # RFC 7515 §4.1.11: we understand no extension, so a critical one must fail.
+            raise _Rejected("unsupported critical JOSE header", cacheable=True)
+        if len(self._headers) < 256:
+            self._headers[header_b64] = (alg, kid)
+        return alg, kid
+
+    def _entry(self, claims: dict[str, Any], now: float) -> _Entry:
+        """RFC 9068 §4 items 3-5 plus killswitch's task and scope claims."""
+        if claims.get("iss") != self.issuer:
+            raise _Rejected("wrong issuer", cacheable=True)
+        aud = claims.get("aud")
+        audiences = (aud,) if isinstance(aud, str) else aud
+        if not isinstance(audiences, list | tuple) or not all(
+            isinstance(a, str) for a in audiences
+        ):
+            raise _Rejected("malformed token: aud", cacheable=True)
+        if self.audience not in audiences:
+            raise _Rejected("token not issued for this audience", cacheable=True)
+        exp = _number(claims, "exp")
+        iat = _number(claims, "iat")
+        nbf = _number(claims, "nbf") if "nbf" in claims else iat
+        if exp <= now - self.leeway:
+            raise _Rejected("token expired")
+        if nbf > now + self.leeway:
+            raise _Rejected("token not yet valid")
+        if iat > now + self.leeway:
+            raise _Rejected("token issued in the future")
+        jti, agent_id, task = claims.get("jti"), claims.get("client_id"), claims.get("task")
+        if not (isinstance(jti, str) and jti and isinstance(agent_id, str) and agent_id):
+            raise _Rejected("malformed token: jti and client_id must be strings", cacheable=True)
+        if not isinstance(task, dict) or not isinstance(task.get("id"), str):
+            raise _Rejected("malformed token: task claim", cacheable=True)
+        scope_claim = claims.get("scope", "")
+        if not isinstance(scope_claim, str):
+            raise _Rejected("malformed token: scope must be a string", cacheable=True)
+        try:
+            scope = compile_scope(from_scope_claim(scope_claim, tuple(audiences)))
+        except KillSwitchError as exc:
+            raise _Rejected(f"invalid scope claim: {exc.detail}", cacheable=True) from None
+        return _Entry(
+            claims,
+            scope,
+            expires=exp + self.leeway,
+            jti_hash=hashlib.sha256(jti.encode()).hexdigest(),
+            task_id=task["id"],
+            agent_id=agent_id,
+            iat=iat,
+        )
+
+    def _remember_rejection(self, token: str, verdict: Verdict, now: float) -> None:
+        # A forged or foreign token stays bad: don't pay a signature check per replay.
+        rejected = self._rejected
+        if len(rejected) >= 10_000:
+            rejected.clear()
+        rejected[token] = (verdict, now + 300.0)
+
+    def _evict(self, now: float) -> None:
+        cache = self._cache
+        for token in [t for t, e in cache.items() if e.expires <= now]:
+            del cache[token]
+        excess = len(cache) - int(self.cache_size * 0.9)
+        if excess > 0:  # oldest first: dicts keep insertion order
+            for token in list(itertools.islice(cache, excess)):
+                del cache[token]
+
+    @property
+    def cached_tokens(self) -> int:
+        return len(self._cache)
+
+
+def _number(claims: dict[str, Any], name: str) -> float:
+    value = claims.get(name)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise _Rejected(f"malformed token: {name} must be a number", cacheable=True)
+    return value
+
+
+def _attributed(claims: dict[str, Any], reason: str, token: str) -> Verdict:
+    """A denial for a token whose signature verified: its claims say who it was."""
+    task = claims.get("task")
+    task_id = task.get("id") if isinstance(task, dict) else None
+    agent_id = claims.get("client_id")
+    jti = claims.get("jti")
+    return Verdict(
+        allowed=False,
+        reason=reason,
+        claims=claims,
+        outcome=Outcome.INVALID,
+        agent_id=agent_id if isinstance(agent_id, str) and agent_id else _UNKNOWN,
+        task_id=task_id if isinstance(task_id, str) and task_id else _UNKNOWN,
+        jti_hash=hashlib.sha256(
+            jti.encode() if isinstance(jti, str) else token.encode()
+        ).hexdigest(),
+    )
