@@ -66,6 +66,19 @@ def consumer(
     return AIOKafkaConsumer(*topics, **common_kwargs(settings, client_id), **options)
 
 
+async def partitions_of(client: AIOKafkaConsumer, topic: str) -> set[int]:
+    """The partitions of ``topic`` (empty if it does not exist), asked of the broker.
+
+    ``AIOKafkaConsumer.topics()`` fetches fresh metadata but ``partitions_for_topic`` reads
+    the client's own cache, which holds only subscribed topics: on Apache Kafka a
+    group-less consumer never sees the partitions that way. Read them from the fetched
+    metadata instead.
+    """
+    cluster = await client._client.fetch_all_metadata()
+    parts: set[int] | None = cluster.partitions_for_topic(topic)
+    return set(parts or ())
+
+
 @dataclass(frozen=True)
 class TopicSpec:
     name: str

@@ -152,8 +152,10 @@ def up(
             say("starting the embedded Kafka broker (tansu)...")
             broker = start_tansu(log_dir=logs_dir)
             kafka = broker.bootstrap
+        # The caller's KS_* settings (SASL/TLS for --kafka, a PostgreSQL URL...) carry over;
+        # only the CLI's client variables do not: they are the user's, not the service's.
         env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("KS_")},
+            **{k: v for k, v in os.environ.items() if k not in ("KS_URL", "KS_TOKEN")},
             **(settings_env or {}),
             "KS_DATA_DIR": str(data_dir),
             "KS_PORT": str(port),
@@ -179,6 +181,15 @@ def up(
                 )
             )
         _wait_http(f"{url}/readyz", children[-1], "the service", service_log)
+        check = httpx.get(
+            f"{url}/v1/keys", headers={"Authorization": f"Bearer {admin_token}"}, timeout=5
+        )
+        if check.status_code == 401:
+            # The data dir had an admin before `up` first ran (e.g. from `killswitch serve`).
+            say(
+                f"note: {data_dir / 'admin.token'} is not an admin token of this database; "
+                "use the token the first `killswitch serve` printed"
+            )
 
         say("starting the detector...")
         detector_log = logs_dir / "detector.log"

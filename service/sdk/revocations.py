@@ -240,11 +240,9 @@ class KafkaRevocationFeed(_FeedBase):
 
     async def _partitions(self, consumer: Any) -> list[TopicPartition]:
         while True:
-            topics = await consumer.topics()
-            if self.topic in topics:
-                parts = consumer.partitions_for_topic(self.topic) or set()
-                if parts:
-                    return [TopicPartition(self.topic, p) for p in sorted(parts)]
+            parts = await kafka.partitions_of(consumer, self.topic)
+            if parts:
+                return [TopicPartition(self.topic, p) for p in sorted(parts)]
             log.warning("revocation topic %s does not exist yet", self.topic)
             await asyncio.sleep(0.5)
 
