@@ -164,7 +164,7 @@ def library_limits(seconds: float) -> list[tuple[str, float, str]]:
         (
             "rfc9068.sign + verify_own_signature",
             _rate(own_sign_verify, seconds),
-            "what _issue does",
+            "once per key (KeyStore.probe), not per token",
         ),
     ]
     return rows
