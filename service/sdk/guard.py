@@ -373,7 +373,9 @@ class Guard:
                 verdict = entry.allow
             else:
                 verdict = entry.verdict(
-                    False, f"{action} {resource[:200]} is outside the scope", Outcome.FORBIDDEN
+                    False,
+                    f"out of scope: {action} {resource[:200]} is outside the scope",
+                    Outcome.FORBIDDEN,
                 )
         if emit:
             self.record(verdict, action, resource, bytes_out=bytes_out, source=source)

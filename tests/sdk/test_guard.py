@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from detectors.rules import OUT_OF_SCOPE_REASONS, _reason_is
 from service import kafka
 from service.brokers import start_tansu
 from service.config import Settings
@@ -67,6 +68,8 @@ async def test_cold_then_cached_decisions_agree(service: Service, settings: Sett
             assert not denied.allowed
             assert denied.outcome is Outcome.FORBIDDEN
             assert "outside the scope" in denied.reason
+            # The detector's unknown-scope fallback keys on this reason: keep them in step.
+            assert _reason_is(denied.reason, OUT_OF_SCOPE_REASONS)
         wrong_action = guard.check_sync(token, "read", TOOL)
         assert wrong_action.outcome is Outcome.FORBIDDEN
     async with kafka_guard(service, settings) as fresh:  # cold sight of an out-of-scope use
