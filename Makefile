@@ -9,13 +9,14 @@ install:
 install-test:
 	$(PYTHON) -m pip install -q -e '.[test]'
 	bash scripts/ensure-postgres.sh
+	bash scripts/ensure-browser.sh
 
 # Run the whole system on its embedded defaults: tansu broker, service (SQLite + generated
 # key under .killswitch/), detector. Ctrl-C stops everything.
 run: install
 	killswitch up
 
-# The whole test suite (SQLite and a throwaway PostgreSQL, ruff, mypy).
+# The whole test suite (SQLite and a throwaway PostgreSQL, headless Chromium, ruff, mypy).
 test: install-test
 	$(PYTHON) -m pytest
 

@@ -1,5 +1,8 @@
 """``python -m detectors``: run one detector until SIGTERM/SIGINT.
 
+``python -m detectors train ...`` / ``evaluate ...`` train and evaluate the anomaly model
+instead (detectors/train.py; also ``killswitch train``).
+
 Configuration comes from ``KS_*`` settings (service/config.py, docs/detector.md); the
 service URL and the ``detector`` operator token, like the CLI's client commands, from
 ``--url``/``KS_URL`` and ``--token``/``KS_TOKEN``.
@@ -44,6 +47,11 @@ async def _main(settings: Settings, url: str, token: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    rest = sys.argv[1:] if argv is None else argv
+    if rest and rest[0] in ("train", "evaluate"):
+        from detectors.train import main as train_main
+
+        return train_main(rest)
     args = _parse(argv)
     try:
         settings = Settings.from_env()
@@ -62,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except DetectorAuthError as exc:
         print(f"killswitch detector: {exc}", file=sys.stderr)
         return 3
-    except ValueError as exc:
+    except (ValueError, KillSwitchError) as exc:  # e.g. ArtifactError: a refused model
         print(f"killswitch detector: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -218,6 +218,9 @@ class Actions:
         """Revoke (if the rule says so and ``skip_revoke`` gives no reason not to) and raise
         the alert; returns once both are durable, with the revocation outcome if any."""
         evidence = dict(finding.evidence)
+        # When the offending use happened (the guard's clock): the service measures kill
+        # latency from it (killswitch_kill_latency_seconds).
+        evidence.setdefault("event_at", finding.event.at)
         outcome: RevokeOutcome | None = None
         if finding.rule.action == "revoke":
             if skip_revoke is not None:
@@ -242,6 +245,7 @@ class Actions:
                         outcome.outcome,
                         outcome.detail,
                     )
+        score = evidence.get("score")
         alert = AlertEvent(
             alert_id=alert_id(finding),
             at=self._clock.now(),
@@ -249,6 +253,7 @@ class Actions:
             severity=finding.rule.severity,
             agent_id=finding.agent_id,
             task_id=finding.task_id,
+            score=float(score) if isinstance(score, int | float) else None,
             evidence={"summary": finding.summary, **evidence},
             action=finding.rule.action,
         )

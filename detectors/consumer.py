@@ -34,6 +34,7 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
+from threadpoolctl import threadpool_limits
 
 from detectors.actions import (
     Abandoned,
@@ -44,6 +45,7 @@ from detectors.actions import (
     retrying,
 )
 from detectors.metrics import DetectorMetrics, HealthServer
+from detectors.models import ModelStage, load_artifact
 from detectors.rules import Finding, Thresholds, evaluate
 from detectors.state import Store, TaskState
 from service import kafka
@@ -118,6 +120,21 @@ class Detector:
             denied_window=float(settings.detector_denied_window_s),
             leeway=float(settings.leeway),
         )
+        self.model: ModelStage | None = None
+        """The learned detector (KS_DETECTOR_MODEL); None = rules only."""
+        if settings.detector_model:
+            # A missing or mismatched artifact is a configuration error: refuse to start.
+            artifact = load_artifact(settings.detector_model)
+            # One detector, one core: BLAS threads only contend on micro-batches this small.
+            threadpool_limits(1)
+            self.model = ModelStage(
+                artifact,
+                batch_events=settings.detector_model_batch,
+                alert_level=settings.detector_model_alert or None,
+                revoke_level=settings.detector_model_revoke or None,
+                agent_type_pattern=settings.detector_agent_type_pattern or None,
+            )
+            log.info("model %s loaded from %s", artifact.model_id, settings.detector_model)
         self.batch_lock = asyncio.Lock()
         self.processed: dict[TopicPartition, int] = {}
         """Next offset per partition whose batch is durable and committed (tests wait on it)."""
@@ -324,11 +341,15 @@ class Detector:
             await self._lookups(events, service, gate, now)
             revoking: dict[str, Finding] = {}
             findings: list[tuple[Finding, TaskState]] = []
+            model = self.model
             for tp, record, event in events:
                 try:
                     task, agent = self.store.observe(event, tp.partition, now)
                     for finding in evaluate(event, task, agent, self.thresholds):
                         findings.append((finding, task))
+                    # Features per event (cheap); scoring per micro-batch, never per event.
+                    if model is not None and model.add(event, task, agent):
+                        findings.extend(self._score(model))
                 except Exception as exc:  # a bug must not stop the detector: keep the input
                     log.exception("detector error on %s", event.event_id)
                     pending.append(
@@ -336,6 +357,10 @@ class Detector:
                             actions, record, f"detector error: {type(exc).__name__}: {exc}"
                         )
                     )
+            if model is not None:
+                # The Kafka batch ends the micro-batch: its model decisions are made (and
+                # durable) before its offsets are committed, like the rules'.
+                findings.extend(self._score(model))
             for finding, task in findings:
                 self.metrics.decisions.labels(
                     rule=finding.rule.id, action=finding.rule.action
@@ -358,6 +383,14 @@ class Detector:
             self.metrics.events.labels(outcome="decided").inc(len(events))
             await self._commit(batch, usage)
             self.metrics.decision_latency.observe(time.perf_counter() - t0)
+
+    @staticmethod
+    def _score(model: ModelStage) -> list[tuple[Finding, TaskState]]:
+        try:
+            return model.flush()
+        except Exception:  # a model bug must not stop the rules (or the detector)
+            log.exception("model scoring failed; %d events not scored", model.pending)
+            return []
 
     async def _dead_letter(
         self, actions: Actions, record: ConsumerRecord[bytes, bytes], reason: str

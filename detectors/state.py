@@ -121,9 +121,11 @@ class TaskState:
         "deadline",
         "denied",
         "ended_at",
+        "features",
         "fired",
         "known",
         "looked_up_at",
+        "opened_at",
         "partition",
         "rate",
         "revoked_credentials",
@@ -146,6 +148,8 @@ class TaskState:
         """When the task was closed or revoked (not expiry: see ``deadline``)."""
         self.looked_up_at: float | None = None
         """When the service answered "no such task" (negative cache)."""
+        self.opened_at: float | None = None
+        """When the task was opened (its ``opened`` event or the service's answer)."""
         self.revoked_credentials: dict[str, float] | None = None
         """Credentials of this task revoked on their own (jti hash -> when)."""
         self.fired: set[str] = set()
@@ -160,6 +164,8 @@ class TaskState:
         self.rate: RateWindow | None = None
         self.denied: deque[float] | None = None
         self.clients: dict[str, ClientSeen] = {}
+        self.features: object | None = None
+        """Model feature state (detectors/features.py), like the counters per partition."""
 
     # ---------------------------------------------------------------- facts
 
@@ -201,7 +207,7 @@ class TaskState:
 class AgentState:
     """One agent's activity on one partition."""
 
-    __slots__ = ("agent_id", "denied", "events", "partition", "tasks")
+    __slots__ = ("agent_id", "denied", "events", "features", "partition", "tasks")
 
     def __init__(self, agent_id: str, partition: int) -> None:
         self.agent_id = agent_id
@@ -209,6 +215,8 @@ class AgentState:
         self.events = 0
         self.denied = 0
         self.tasks: set[str] = set()
+        self.features: object | None = None
+        """The agent's own history for the model (detectors/features.py)."""
 
 
 class Store:
@@ -234,6 +242,8 @@ class Store:
             task.learn(event.scope, event.deadline, event.status, event.agent_id)
         elif event.deadline is not None:
             task.deadline = event.deadline
+        if event.kind is TaskEventKind.OPENED and task.opened_at is None:
+            task.opened_at = event.at
         if event.kind is TaskEventKind.CLOSED:
             task.end(event.status, event.at)
 
@@ -253,6 +263,8 @@ class Store:
         """A task as the service answered a lookup."""
         task = self._task(view.id, view.agent_id)
         task.learn(view.scope, view.deadline, view.status.value, view.agent_id)
+        if task.opened_at is None:
+            task.opened_at = view.created_at
         if view.closed_at is not None and view.status.value in ("completed", "revoked"):
             task.end(view.status.value, view.closed_at)
 

@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.admin import AdminController
 from service.api.agents import AgentController
+from service.api.alerts import AlertController
 from service.api.deps import ServicesDep, provide_services
 from service.api.oauth import OAuthController, WellKnownController
 from service.api.problems import EXCEPTION_HANDLERS, problem
@@ -29,6 +30,7 @@ from service.api.strict import strict_body
 from service.api.tasks import TaskController
 from service.clock import Clock
 from service.config import Settings
+from service.console import console_router
 from service.core import Services, start
 
 log = logging.getLogger("killswitch")
@@ -139,9 +141,11 @@ def create_app(
             AgentController,
             TaskController,
             RevocationController,
+            AlertController,
             AdminController,
             OAuthController,
             WellKnownController,
+            console_router(),
             healthz,
             readyz,
             metrics,

@@ -58,6 +58,7 @@ class Principal:
 READ = frozenset({Role.VIEWER, Role.ANALYST, Role.ADMIN})
 REVOKE = frozenset({Role.ANALYST, Role.ADMIN, Role.DETECTOR})
 ADMIN = frozenset({Role.ADMIN})
+ACK = frozenset({Role.ANALYST, Role.ADMIN})
 STREAM = frozenset({Role.VIEWER, Role.ANALYST, Role.ADMIN, Role.DETECTOR, Role.RESOURCE_SERVER})
 INTROSPECT = frozenset({Role.RESOURCE_SERVER, Role.ANALYST, Role.ADMIN, Role.DETECTOR})
 

@@ -15,6 +15,9 @@ import json
 import os
 import sys
 import textwrap
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -29,6 +32,10 @@ environment:
   KS_TOKEN   operator token for client commands (printed by the first `killswitch serve`)
   KS_*       service settings; `killswitch config` lists them all
 """
+
+
+SHUTDOWN_GRACE_SECONDS = 3
+"""On SIGTERM/Ctrl-C, how long ``serve`` lets open requests finish before cutting them."""
 
 
 def _die(message: str, code: int = 1) -> NoReturn:
@@ -80,6 +87,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         loop="uvloop" if sys.platform != "win32" else "asyncio",
         http="httptools",
         lifespan="on",
+        # SSE streams (revocations, alerts) never finish by themselves: without a bound a
+        # stop would wait for every listener to hang up. They reconnect with Last-Event-ID.
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
     )
 
 
@@ -266,6 +276,137 @@ def cmd_revoke(args: argparse.Namespace) -> None:
     _print(_api(args).call("POST", "/v1/revocations", {"target": target, "reason": args.reason}))
 
 
+# --------------------------------------------------------------------------- alerts
+
+_DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+WATCH_READ_TIMEOUT = 10.0
+"""A stream quiet this long (five missed heartbeats) is taken for dead and reconnected."""
+
+
+def _when(value: str) -> float:
+    """Epoch seconds, or a duration ago: ``90s``, ``15m``, ``2h``, ``7d``."""
+    unit = value[-1:].lower()
+    try:
+        if unit in _DURATION:
+            return time.time() - float(value[:-1]) * _DURATION[unit]
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is neither epoch seconds nor a duration like 15m"
+        ) from None
+
+
+def _stamp(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _alert_line(alert: dict[str, Any]) -> str:
+    summary = alert.get("evidence", {}).get("summary", "")
+    acked = f"  acked by {alert['acked_by']}" if alert.get("acked_at") else ""
+    return (
+        f"{_stamp(alert['at'])}  #{alert['seq']:<6} {alert['severity'].upper():<8} "
+        f"{alert['rule']:<28} agent={alert['agent_id']} task={alert.get('task_id') or '-'} "
+        f"action={alert['action']}{acked}  {summary}"
+    ).rstrip()
+
+
+def cmd_alerts_list(args: argparse.Namespace) -> None:
+    params: dict[str, Any] = {"limit": args.limit}
+    for name, value in (
+        ("severity", args.severity),
+        ("rule", args.rule),
+        ("agent_id", args.agent),
+        ("task_id", args.task),
+        ("since", args.since),
+        ("until", args.until),
+    ):
+        if value:
+            params[name] = value
+    if args.open:
+        params["acked"] = "false"
+    page = _api(args).call("GET", "/v1/alerts", params=params)
+    if args.json:
+        _print(page)
+        return
+    print(f"{'time (UTC)':<20}  {'seq':<7} {'severity':<8} {'rule':<28} agent/task/action  summary")
+    for alert in page["items"]:
+        print(_alert_line(alert))
+    if page["next_cursor"]:
+        print(f"(more: --limit, or the API with cursor={page['next_cursor']})", file=sys.stderr)
+
+
+def _sse(lines: Iterator[str]) -> Iterator[tuple[str, str | None, str]]:
+    """(event, id, data) of each message of a text/event-stream."""
+    event, ident = "message", None
+    data: list[str] = []
+    for line in lines:
+        if not line:
+            if data:
+                yield event, ident, "\n".join(data)
+            event, ident, data = "message", None, []
+        elif line.startswith(":"):
+            continue
+        else:
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "event":
+                event = value
+            elif name == "id":
+                ident = value
+            elif name == "data":
+                data.append(value)
+
+
+def cmd_alerts_watch(args: argparse.Namespace) -> None:
+    api = _api(args)
+    if not api.token:
+        _die("no operator token: pass --token or set KS_TOKEN", 2)
+    if args.all:
+        last = 0
+    elif args.after is not None:
+        last = args.after
+    else:  # start at the newest stored alert: only what comes next is shown
+        newest = api.call("GET", "/v1/alerts", params={"limit": 1})["items"]
+        last = newest[0]["seq"] if newest else 0
+    wanted = set(args.severity or ())
+    delay = 0.5
+    print(f"watching {api.url}/v1/alerts/stream (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    try:
+        while True:
+            headers = {"Authorization": f"Bearer {api.token}", "Last-Event-ID": str(last)}
+            try:
+                with httpx.stream(
+                    "GET",
+                    f"{api.url}/v1/alerts/stream",
+                    headers=headers,
+                    timeout=httpx.Timeout(10.0, read=WATCH_READ_TIMEOUT),
+                ) as response:
+                    if response.status_code in (401, 403):
+                        _die(f"HTTP {response.status_code}: {response.read().decode()[:300]}")
+                    response.raise_for_status()
+                    delay = 0.5
+                    for event, ident, data in _sse(response.iter_lines()):
+                        if event not in ("alert", "ack"):
+                            continue
+                        alert = json.loads(data)
+                        if event == "alert" and ident is not None:
+                            last = int(ident)
+                        if wanted and alert["severity"] not in wanted:
+                            continue
+                        prefix = "" if event == "alert" else "ACK "
+                        print(prefix + _alert_line(alert), flush=True)
+            except httpx.HTTPError as exc:
+                print(
+                    f"stream interrupted ({type(exc).__name__}); reconnecting after #{last}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+
+
 def cmd_keys_list(args: argparse.Namespace) -> None:
     for key in _api(args).call("GET", "/v1/keys"):
         state = "active" if key["active"] else f"retired, published until {key['published_until']}"
@@ -297,6 +438,12 @@ def cmd_keys_rotate(args: argparse.Namespace) -> None:
 def cmd_config(args: argparse.Namespace) -> None:
     for _name, env, default, doc in describe():
         print(f"{env:<26} default {default or '(empty)'!s:<20} {doc}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from detectors.train import main as train_main
+
+    raise SystemExit(train_main(["train", *args.args], prog="killswitch"))
 
 
 # --------------------------------------------------------------------------- parser
@@ -445,6 +592,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", action="store_true", help="cutoff: do not ask for confirmation")
     p.set_defaults(func=cmd_revoke)
 
+    alerts = sub.add_parser("alerts", help="list or watch the detector's alerts")
+    alsub = alerts.add_subparsers(dest="alerts_command", required=True, metavar="ACTION")
+    severities = ["low", "medium", "high", "critical"]
+    p = alsub.add_parser(
+        "list",
+        parents=[client],
+        help="list alerts, newest first (viewer)",
+        epilog="example: killswitch alerts list --severity critical --since 1h --open",
+    )
+    p.add_argument(
+        "--severity", action="append", choices=severities, help="only this severity; repeatable"
+    )
+    p.add_argument("--rule", help="only this rule or model id")
+    p.add_argument("--agent", help="only this agent's alerts")
+    p.add_argument("--task", help="only this task's alerts")
+    p.add_argument("--since", type=_when, help="raised at or after: epoch seconds or 15m/2h/7d ago")
+    p.add_argument("--until", type=_when, help="raised before: epoch seconds or a duration ago")
+    p.add_argument("--open", action="store_true", help="only alerts nobody acknowledged yet")
+    p.add_argument("--limit", type=int, default=50, help="how many (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the API's JSON page")
+    p.set_defaults(func=cmd_alerts_list)
+    p = alsub.add_parser(
+        "watch",
+        parents=[client],
+        help="follow alerts live, one line each (viewer)",
+        description="Follow GET /v1/alerts/stream: one line per new alert (and per "
+        "acknowledgement, prefixed ACK). Reconnects by itself with Last-Event-ID, so "
+        "nothing is missed across a network blip or a service restart. Ctrl-C stops.",
+    )
+    p.add_argument(
+        "--severity", action="append", choices=severities, help="only this severity; repeatable"
+    )
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--all", action="store_true", help="replay every stored alert first")
+    start.add_argument("--after", type=int, metavar="SEQ", help="replay alerts after this seq")
+    p.set_defaults(func=cmd_alerts_watch)
+
     keys = sub.add_parser("keys", help="list or rotate signing keys")
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     p = ksub.add_parser("list", parents=[client], help="published signing keys (viewer)")
@@ -462,6 +646,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="rotate in the key directory directly; a running service picks it up",
     )
     p.set_defaults(func=cmd_keys_rotate)
+
+    p = sub.add_parser(
+        "train",
+        help="train the detector's anomaly model from an events file or Kafka",
+        description="Train the detector's anomaly model (same as `python -m detectors "
+        "train`): killswitch train --events FILE | --from-kafka -o model.ksm. Pass --help "
+        "after `train` options for all of them.",
+        add_help=False,
+        prefix_chars="+",
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of python -m detectors train")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("config", help="list every KS_* setting with its default")
     p.set_defaults(func=cmd_config)

@@ -217,6 +217,15 @@ class Settings:
         default=3_000,
         metadata={"env": "KS_KAFKA_HEARTBEAT_INTERVAL_MS", "doc": "Consumer heartbeat interval."},
     )
+    alerts_group_id: str = field(
+        default="killswitch-service-alerts",
+        metadata={
+            "env": "KS_ALERTS_GROUP_ID",
+            "doc": "Consumer group in which the service reads the alerts topic into its "
+            "database (with KS_KAFKA_BOOTSTRAP set). Replicas sharing one database share "
+            "the group.",
+        },
+    )
 
     # -- detector (docs/detector.md) ------------------------------------------------------
     detector_group_id: str = field(
@@ -290,6 +299,45 @@ class Settings:
             "env": "KS_DETECTOR_TEST_PAUSE_BEFORE_COMMIT_MS",
             "doc": "Testing only: sleep between a batch's durable actions and its commit "
             "(the crash-safety test kills the detector there).",
+        },
+    )
+    detector_model: str = field(
+        default="",
+        metadata={
+            "env": "KS_DETECTOR_MODEL",
+            "doc": "Path of a model artifact (`killswitch train`); empty = rules only. A "
+            "mismatched artifact (scikit-learn version, feature list) stops the detector.",
+        },
+    )
+    detector_model_alert: float = field(
+        default=0.0,
+        metadata={
+            "env": "KS_DETECTOR_MODEL_ALERT",
+            "doc": "Calibrated score at which the model alerts (0 = the artifact's, "
+            "0.999 by default: ~1 false alert per 1,000 benign tasks).",
+        },
+    )
+    detector_model_revoke: float = field(
+        default=0.0,
+        metadata={
+            "env": "KS_DETECTOR_MODEL_REVOKE",
+            "doc": "Calibrated score at which the model revokes, if a deterministic signal "
+            "agrees (0 = the artifact's, 1.5 by default).",
+        },
+    )
+    detector_model_batch: int = field(
+        default=1024,
+        metadata={
+            "env": "KS_DETECTOR_MODEL_BATCH",
+            "doc": "Most events per model micro-batch (a Kafka batch always ends one).",
+        },
+    )
+    detector_agent_type_pattern: str = field(
+        default="",
+        metadata={
+            "env": "KS_DETECTOR_AGENT_TYPE_PATTERN",
+            "doc": "Regex whose `type` group maps an agent id to its agent type (empty = the "
+            "artifact's, else strip a trailing id token: `coder-07` -> `coder`).",
         },
     )
     # -- end detector ---------------------------------------------------------------------
@@ -372,7 +420,9 @@ _INT_FIELDS |= {
     "detector_max_tasks",
     "detector_shutdown_grace_s",
     "detector_test_pause_before_commit_ms",
+    "detector_model_batch",
 }
+_FLOAT_FIELDS = {"detector_model_alert", "detector_model_revoke"}
 # -- end detector
 
 
@@ -382,6 +432,11 @@ def _coerce(name: str, env: str, raw: str) -> Any:
             return int(raw)
         except ValueError:
             raise ClientError(f"{env} must be an integer, got {raw!r}") from None
+    if name in _FLOAT_FIELDS:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ClientError(f"{env} must be a number, got {raw!r}") from None
     if name in ("data_dir", "key_dir"):
         return Path(raw)
     if name in ("bootstrap_admin_token", "bootstrap_detector_token", "kafka_sasl_password"):

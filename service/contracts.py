@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from service.events import Severity
 from service.scopes import Limits, ScopeSpec
 
 AgentId = Annotated[
@@ -304,6 +305,44 @@ class Page(msgspec.Struct, frozen=True, kw_only=True):
     next_cursor: str | None
 
 
+class AckAlert(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``POST /v1/alerts/{alert_id}/ack`` (the body itself may be omitted)."""
+
+    note: Annotated[str, msgspec.Meta(max_length=1000)] | None = None
+
+
+class AlertView(msgspec.Struct, frozen=True, kw_only=True):
+    """An alert as stored: the detector's AlertEvent plus when it arrived and its ack."""
+
+    seq: int
+    """Storage order: the list cursor and the SSE event id (``Last-Event-ID``)."""
+    alert_id: str
+    at: float
+    rule: str
+    severity: Severity
+    agent_id: str
+    task_id: str | None
+    score: float | None
+    evidence: dict[str, Any]
+    action: Literal["alert", "revoke"]
+    received_at: float
+    acked_at: float | None = None
+    acked_by: str | None = None
+    ack_note: str | None = None
+
+
+class TimelinePoint(msgspec.Struct, frozen=True, kw_only=True):
+    """One minute of the console's live chart."""
+
+    minute: float
+    """Start of the minute (epoch seconds, a multiple of 60)."""
+    alerts: int
+    """Alerts raised (their ``at``) in this minute."""
+    revocations: int
+    """Kills recorded in this minute: revocations by an analyst or the detector (task
+    completions and an agent revoking its own credential are not counted)."""
+
+
 class Introspection(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """RFC 7662 §2.2 introspection response. Inactive tokens carry only ``active``."""
 
@@ -323,12 +362,14 @@ class Introspection(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
 
 
 __all__ = [
+    "AckAlert",
     "AgentCreated",
     "AgentId",
     "AgentRecord",
     "AgentStatus",
     "AgentTarget",
     "AgentView",
+    "AlertView",
     "AuditEntry",
     "CompleteTask",
     "CreateAgent",
@@ -356,4 +397,5 @@ __all__ = [
     "TaskStatus",
     "TaskTarget",
     "TaskView",
+    "TimelinePoint",
 ]

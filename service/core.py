@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from service.alerts import AlertHub, AlertIngester
 from service.clock import Clock, SystemClock
 from service.config import Settings
 from service.credentials.keys import KeyStore
@@ -37,11 +38,16 @@ class Services:
     hub: RevocationHub
     propagator: Propagator
     relay: OutboxRelay | None
+    alert_hub: AlertHub
+    ingester: AlertIngester | None
+    """Reads the alerts topic into the database; None without KS_KAFKA_BOOTSTRAP."""
     bootstrap_admin_token: str | None = None
     """Set only on the start that generated the first admin's token; printed once, never
     logged. None when there already was an admin or KS_BOOTSTRAP_ADMIN_TOKEN was used."""
 
     async def close(self) -> None:
+        if self.ingester is not None:
+            await self.ingester.stop()
         if self.relay is not None:
             await self.relay.stop()
         await self.db.close()
@@ -73,6 +79,13 @@ async def start(
         hub = RevocationHub()
         relay = OutboxRelay(db, settings) if settings.kafka_bootstrap else None
         propagator = Propagator(deny, hub, relay)
+        metrics = Metrics()
+        alert_hub = AlertHub()
+        ingester = (
+            AlertIngester(db, settings, alert_hub, metrics, clock)
+            if settings.kafka_bootstrap
+            else None
+        )
         services = Services(
             settings=settings,
             clock=clock,
@@ -83,16 +96,20 @@ async def start(
             ),
             deny=deny,
             revoker=Revoker(db, propagator, clock, settings.leeway),
-            metrics=Metrics(),
+            metrics=metrics,
             hub=hub,
             propagator=propagator,
             relay=relay,
+            alert_hub=alert_hub,
+            ingester=ingester,
         )
         if bootstrap:
             services.bootstrap_admin_token = await ensure_admin(services)
             await ensure_detector(services)
         if relay is not None:
             await relay.start()
+        if ingester is not None:
+            await ingester.start()
     except BaseException:
         await db.close()
         raise

@@ -36,6 +36,26 @@ class Metrics:
         self.auth_failures = Counter(
             "killswitch_auth_failures", "Rejected authentications", ["kind"], registry=r
         )
+        self.alerts = Counter(
+            "killswitch_alerts",
+            "Alerts stored from the alerts topic (each alert_id once), by severity and rule",
+            ["severity", "rule"],
+            registry=r,
+        )
+        self.alert_records = Counter(
+            "killswitch_alert_records",
+            "Records read from the alerts topic, by outcome (stored, duplicate, rejected)",
+            ["outcome"],
+            registry=r,
+        )
+        self.kill_latency = Histogram(
+            "killswitch_kill_latency_seconds",
+            "From the offending use (UsageEvent.at, as the alert's evidence.event_at) to the "
+            "detector's revocation committing (its created_at); observed once per alert "
+            "whose revocation the detector created",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=r,
+        )
         self.signing_keys = Gauge(
             "killswitch_signing_keys_published", "Keys currently in the JWKS", registry=r
         )

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from service.config import Settings
 from service.events import RevocationEvent, TaskEvent, encoder, revocation_key
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from service.revocation import DenyState
 
 log = logging.getLogger("killswitch.propagation")
+
+T = TypeVar("T")
 
 REVOCATIONS = "revocations"
 TASKS = "tasks"
@@ -47,33 +49,35 @@ async def enqueue_task_event(db: Database, event: TaskEvent) -> None:
     )
 
 
-class Subscription:
+class Subscription(Generic[T]):
     """One SSE listener's queue. A listener that falls too far behind is cut off (it
     reconnects with Last-Event-ID and replays from the database) rather than letting an
     unbounded queue grow."""
 
     def __init__(self, maxsize: int) -> None:
-        self.queue: asyncio.Queue[RevocationEvent] = asyncio.Queue(maxsize)
+        self.queue: asyncio.Queue[T] = asyncio.Queue(maxsize)
         self.overflowed = False
 
 
-class RevocationHub:
+class Hub(Generic[T]):
+    """Fan-out of committed items to every live SSE listener of this process."""
+
     def __init__(self, maxsize: int = 10_000) -> None:
-        self._subscribers: set[Subscription] = set()
+        self._subscribers: set[Subscription[T]] = set()
         self._maxsize = maxsize
 
-    def subscribe(self) -> Subscription:
-        sub = Subscription(self._maxsize)
+    def subscribe(self) -> Subscription[T]:
+        sub: Subscription[T] = Subscription(self._maxsize)
         self._subscribers.add(sub)
         return sub
 
-    def unsubscribe(self, sub: Subscription) -> None:
+    def unsubscribe(self, sub: Subscription[T]) -> None:
         self._subscribers.discard(sub)
 
-    def publish(self, event: RevocationEvent) -> None:
+    def publish(self, item: T) -> None:
         for sub in list(self._subscribers):
             try:
-                sub.queue.put_nowait(event)
+                sub.queue.put_nowait(item)
             except asyncio.QueueFull:
                 sub.overflowed = True
                 self._subscribers.discard(sub)
@@ -81,6 +85,10 @@ class RevocationHub:
     @property
     def subscribers(self) -> int:
         return len(self._subscribers)
+
+
+class RevocationHub(Hub[RevocationEvent]):
+    """Committed revocations, for ``GET /v1/revocations/stream``."""
 
 
 class OutboxRelay:

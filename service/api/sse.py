@@ -1,5 +1,6 @@
-"""The revocation SSE stream: replay from the database, then follow the hub, with
-heartbeats so a guard can tell a quiet stream from a dead one."""
+"""The SSE streams (revocations, alerts): replay from the database after
+``Last-Event-ID``, then follow the process's hub, with heartbeats so a listener can tell a
+quiet stream from a dead one."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import AsyncIterator
 
 from litestar.response import ServerSentEventMessage
 
+from service.alerts import AlertMessage
+from service.contracts import AlertView
 from service.core import Services
 from service.events import RevocationEvent, encoder
 from service.storage import repository as repo
@@ -56,3 +59,42 @@ async def revocation_stream(
 
 def _heartbeat(services: Services) -> ServerSentEventMessage:
     return ServerSentEventMessage(data=f'{{"at": {services.clock.now():.3f}}}', event="heartbeat")
+
+
+def _alert_message(message: AlertMessage) -> ServerSentEventMessage:
+    data = encoder.encode(message.alert).decode()
+    if message.kind == "ack":
+        # No id: an ack is not a position in the alert sequence, resuming never skips one.
+        return ServerSentEventMessage(data=data, event="ack")
+    return ServerSentEventMessage(data=data, event="alert", id=str(message.alert.seq))
+
+
+async def alert_stream(services: Services, after_seq: int) -> AsyncIterator[ServerSentEventMessage]:
+    """Alerts stored after ``after_seq`` (replayed), then live alerts and acks."""
+    sub = services.alert_hub.subscribe()
+    try:
+        last = after_seq
+        replayed: set[int] = set()
+        while True:
+            page: list[AlertView] = await repo.alerts_after(
+                services.db, after_seq=last, limit=_REPLAY_PAGE
+            )
+            for alert in page:
+                last = alert.seq
+                replayed.add(alert.seq)
+                yield _alert_message(AlertMessage("alert", alert))
+            if len(page) < _REPLAY_PAGE:
+                break
+        yield _heartbeat(services)
+        while not sub.overflowed:
+            try:
+                message = await asyncio.wait_for(sub.queue.get(), timeout=HEARTBEAT_SECONDS)
+            except TimeoutError:
+                yield _heartbeat(services)
+                continue
+            seq = message.alert.seq
+            if message.kind == "ack" or (seq not in replayed and seq > after_seq):
+                yield _alert_message(message)
+    finally:
+        with contextlib.suppress(Exception):
+            services.alert_hub.unsubscribe(sub)

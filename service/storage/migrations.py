@@ -117,6 +117,35 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "CREATE UNIQUE INDEX revocations_idempotency ON revocations (idempotency_key)",
         ],
     ),
+    (
+        3,
+        "alerts consumed from the alerts topic",
+        [
+            # seq orders the alerts as they were stored (list cursor, SSE id); alert_id is
+            # the detector's deterministic id, UNIQUE so a redelivered record is a no-op.
+            """CREATE TABLE alerts (
+                seq {serial},
+                alert_id TEXT NOT NULL UNIQUE,
+                at {double} NOT NULL,
+                rule TEXT NOT NULL,
+                severity TEXT NOT NULL,
+                agent_id TEXT NOT NULL,
+                task_id TEXT,
+                score {double},
+                evidence TEXT NOT NULL,
+                action TEXT NOT NULL,
+                received_at {double} NOT NULL,
+                acked_at {double},
+                acked_by TEXT,
+                ack_note TEXT
+            )""",
+            "CREATE INDEX alerts_at ON alerts (at)",
+            "CREATE INDEX alerts_agent ON alerts (agent_id, seq)",
+            "CREATE INDEX alerts_task ON alerts (task_id, seq)",
+            "CREATE INDEX alerts_severity ON alerts (severity, seq)",
+            "CREATE INDEX alerts_rule ON alerts (rule, seq)",
+        ],
+    ),
 ]
 
 

@@ -17,6 +17,7 @@ import msgspec
 from service.contracts import (
     AgentRecord,
     AgentStatus,
+    AlertView,
     AuditEntry,
     OperatorRecord,
     RevocationSource,
@@ -26,7 +27,7 @@ from service.contracts import (
     TaskRecord,
     TaskStatus,
 )
-from service.events import RevocationEvent
+from service.events import AlertEvent, RevocationEvent, Severity
 from service.scopes import ScopeSpec
 from service.storage.database import Database, Row
 
@@ -509,6 +510,20 @@ async def list_revocations(
     return [_revocation(r) for r in rows]
 
 
+async def revocations_touching_agent(
+    db: Database, agent_id: str, *, limit: int
+) -> list[RevocationView]:
+    """Newest first: revocations of the agent, its tasks or credentials, and global
+    cut-offs (which kill its credentials too)."""
+    rows = await db.fetch(
+        "SELECT * FROM revocations WHERE agent_id = ?"
+        " OR (target_type = 'cutoff' AND agent_id IS NULL) ORDER BY seq DESC LIMIT ?",
+        agent_id,
+        limit,
+    )
+    return [_revocation(r) for r in rows]
+
+
 async def cutoffs(db: Database) -> list[tuple[str | None, float]]:
     """(agent id or None for global, cut-off) of every cut-off and agent revocation."""
     rows = await db.fetch(
@@ -516,6 +531,152 @@ async def cutoffs(db: Database) -> list[tuple[str | None, float]]:
         " WHERE cutoff IS NOT NULL GROUP BY agent_id"
     )
     return [(r["agent_id"], float(r["cutoff"])) for r in rows]
+
+
+# --------------------------------------------------------------------------- alerts
+
+
+def _alert(row: Row) -> AlertView:
+    return AlertView(
+        seq=row["seq"],
+        alert_id=row["alert_id"],
+        at=row["at"],
+        rule=row["rule"],
+        severity=Severity(row["severity"]),
+        agent_id=row["agent_id"],
+        task_id=row["task_id"],
+        score=row["score"],
+        evidence=_jwk_decoder.decode(row["evidence"]),
+        action=row["action"],
+        received_at=row["received_at"],
+        acked_at=row["acked_at"],
+        acked_by=row["acked_by"],
+        ack_note=row["ack_note"],
+    )
+
+
+async def insert_alert(db: Database, alert: AlertEvent, *, received_at: float) -> AlertView | None:
+    """Store an alert; None when its ``alert_id`` is stored already (a redelivery)."""
+    row = await db.fetchrow(
+        "INSERT INTO alerts (alert_id, at, rule, severity, agent_id, task_id, score, evidence,"
+        " action, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (alert_id) DO NOTHING RETURNING *",
+        alert.alert_id,
+        alert.at,
+        alert.rule,
+        alert.severity.value,
+        alert.agent_id,
+        alert.task_id,
+        alert.score,
+        _encode(alert.evidence).decode(),
+        alert.action,
+        received_at,
+    )
+    return None if row is None else _alert(row)
+
+
+async def get_alert(db: Database, alert_id: str) -> AlertView | None:
+    row = await db.fetchrow("SELECT * FROM alerts WHERE alert_id = ?", alert_id)
+    return None if row is None else _alert(row)
+
+
+async def list_alerts(
+    db: Database,
+    *,
+    severities: Sequence[Severity] = (),
+    rule: str | None = None,
+    agent_id: str | None = None,
+    task_id: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    acked: bool | None = None,
+    before_seq: int | None = None,
+    limit: int,
+) -> list[AlertView]:
+    """Newest first (by ``seq``); ``before_seq`` is the cursor. since/until bound ``at``."""
+    clauses: list[str] = []
+    args: list[Any] = []
+    if before_seq is not None:
+        clauses.append("seq < ?")
+        args.append(before_seq)
+    if severities:
+        clauses.append(f"severity IN ({_in(severities)})")
+        args.extend(s.value for s in severities)
+    for column, value in (("rule", rule), ("agent_id", agent_id), ("task_id", task_id)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            args.append(value)
+    if since is not None:
+        clauses.append("at >= ?")
+        args.append(since)
+    if until is not None:
+        clauses.append("at < ?")
+        args.append(until)
+    if acked is not None:
+        clauses.append("acked_at IS NOT NULL" if acked else "acked_at IS NULL")
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = await db.fetch(f"SELECT * FROM alerts{where} ORDER BY seq DESC LIMIT ?", *args, limit)
+    return [_alert(r) for r in rows]
+
+
+async def alerts_after(db: Database, *, after_seq: int, limit: int) -> list[AlertView]:
+    """Alerts in storage order after ``after_seq`` (the SSE replay)."""
+    rows = await db.fetch(
+        "SELECT * FROM alerts WHERE seq > ? ORDER BY seq LIMIT ?", after_seq, limit
+    )
+    return [_alert(r) for r in rows]
+
+
+async def ack_alert(db: Database, alert_id: str, *, at: float, by: str, note: str | None) -> int:
+    """Acknowledge an alert not acknowledged yet; 0 when it is (or does not exist)."""
+    return await db.execute(
+        "UPDATE alerts SET acked_at = ?, acked_by = ?, ack_note = ?"
+        " WHERE alert_id = ? AND acked_at IS NULL",
+        at,
+        by,
+        note,
+        alert_id,
+    )
+
+
+async def revocation_created_at(db: Database, revocation_id: str) -> float | None:
+    row = await db.fetchrow("SELECT created_at FROM revocations WHERE id = ?", revocation_id)
+    return None if row is None else float(row["created_at"])
+
+
+def _minute_bucket(db: Database, column: str) -> str:
+    # Minutes since the window's start; the value is never negative, so truncation is
+    # floor. PostgreSQL's CAST rounds a double, hence FLOOR there.
+    if db.dialect == "postgresql":
+        return f"CAST(FLOOR(({column} - ?) / 60) AS BIGINT)"
+    return f"CAST(({column} - ?) / 60 AS INTEGER)"
+
+
+async def per_minute(
+    db: Database, *, start: float, end: float
+) -> tuple[dict[int, int], dict[int, int]]:
+    """(alerts, kills) per minute index since ``start``: alerts by ``at``; revocations by
+    an analyst or the detector by ``created_at``."""
+    alert_rows = await db.fetch(
+        f"SELECT {_minute_bucket(db, 'at')} AS m, COUNT(*) AS n FROM alerts"
+        " WHERE at >= ? AND at < ? GROUP BY 1",
+        start,
+        start,
+        end,
+    )
+    kill_rows = await db.fetch(
+        f"SELECT {_minute_bucket(db, 'created_at')} AS m, COUNT(*) AS n FROM revocations"
+        " WHERE created_at >= ? AND created_at < ? AND source IN (?, ?) GROUP BY 1",
+        start,
+        start,
+        end,
+        RevocationSource.ANALYST.value,
+        RevocationSource.DETECTOR.value,
+    )
+    return (
+        {int(r["m"]): int(r["n"]) for r in alert_rows},
+        {int(r["m"]): int(r["n"]) for r in kill_rows},
+    )
 
 
 # --------------------------------------------------------------------------- audit
@@ -541,6 +702,26 @@ async def list_audit(
         "SELECT * FROM audit_log WHERE at >= ? AND seq > ? ORDER BY seq LIMIT ?",
         since if since is not None else 0.0,
         after_seq or 0,
+        limit,
+    )
+    return [
+        AuditEntry(
+            seq=r["seq"],
+            at=r["at"],
+            actor=r["actor"],
+            action=r["action"],
+            subject=r["subject"],
+            detail=_jwk_decoder.decode(r["detail"]),
+        )
+        for r in rows
+    ]
+
+
+async def recent_audit(db: Database, *, before_seq: int | None, limit: int) -> list[AuditEntry]:
+    """Newest first (the console's view); ``before_seq`` pages to older entries."""
+    rows = await db.fetch(
+        "SELECT * FROM audit_log WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+        before_seq if before_seq is not None else 2**63 - 1,
         limit,
     )
     return [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,8 +19,11 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from service import alerts
+from service.events import AlertEvent, Severity
 from tests.conftest import fresh_postgres_database
 from tests.support.harness import AUD, KS, Agent, basic, bearer, running_app
+from tests.support.tokens import on_app_loop
 
 PROBLEM_JSON = "application/problem+json"
 PRINCIPALS = ("none", "viewer", "analyst", "admin", "agent")
@@ -41,6 +45,10 @@ MATRIX_ROWS: dict[str, tuple[int, int, int, int, int]] = {
     "POST /v1/revocations":              (401,  403,    201,     201,  403),
     "GET /v1/revocations":               (401,  200,    200,     200,  403),
     "GET /v1/audit":                     (401,  200,    200,     200,  403),
+    "GET /v1/alerts":                    (401,  200,    200,     200,  403),
+    "GET /v1/alerts/{alert_id}":         (401,  200,    200,     200,  403),
+    "POST /v1/alerts/{alert_id}/ack":    (401,  403,    200,     200,  403),
+    "GET /v1/stats/timeline":            (401,  200,    200,     200,  403),
     "POST /v1/operators":                (401,  403,    403,     201,  403),
     "GET /v1/operators":                 (401,  403,    403,     200,  403),
     "POST /v1/operators/{name}/disable": (401,  403,    403,     200,  403),
@@ -77,6 +85,23 @@ class Ctx:
         issued = await self.ks.open_task((await self.owner()).headers)
         task_id: str = issued["task"]["id"]
         return task_id
+
+    async def alert_id(self) -> str:
+        """A stored alert. Alerts arrive only from Kafka, which the in-process app does
+        not read: store one through the ingester's own function, on the app's loop."""
+        alert = AlertEvent(
+            alert_id=_fresh("alert"),
+            at=time.time(),
+            rule="scope.out_of_scope",
+            severity=Severity.HIGH,
+            agent_id=(await self.owner()).id,
+            task_id=await self.task_id(),
+        )
+        stored = await on_app_loop(
+            self.ks, alerts.store, self.ks.services.db, [alert], received_at=time.time()
+        )
+        assert [a.alert_id for a in stored] == [alert.alert_id]
+        return alert.alert_id
 
     async def other_agent_id(self) -> str:
         """An agent that is not the caller (so an agent never targets itself)."""
@@ -125,6 +150,8 @@ async def _request(ctx: Ctx, route: str) -> tuple[str, str, dict[str, Any] | Non
             path = template.format(id=await ctx.task_id())
         case "POST /v1/revocations":
             body = {"target": {"type": "task", "task_id": await ctx.task_id()}, "reason": "authz"}
+        case "GET /v1/alerts/{alert_id}" | "POST /v1/alerts/{alert_id}/ack":
+            path = template.format(alert_id=await ctx.alert_id())
         case "POST /v1/operators":
             body = {"name": _fresh("op"), "role": "viewer"}
         case "POST /v1/operators/{name}/disable":
@@ -210,9 +237,9 @@ def test_matrix_covers_every_v1_route() -> None:
         for method in route.methods
         if method not in ("HEAD", "OPTIONS")
     }
-    # The SSE stream never ends, so its row is checked over a real socket instead:
-    # tests/service/test_sse.py::STREAM_MATRIX.
-    assert routes == set(MATRIX) | {"GET /v1/revocations/stream"}
+    # The SSE streams never end, so their rows are checked over a real socket instead:
+    # tests/service/test_sse.py::STREAM_MATRIX, tests/service/test_alerts.py::STREAM_MATRIX.
+    assert routes == set(MATRIX) | {"GET /v1/revocations/stream", "GET /v1/alerts/stream"}
 
 
 # --------------------------------------------------------------------------- no leaks

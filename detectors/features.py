@@ -1,0 +1,481 @@
+"""Behavioural features for the anomaly model, computed incrementally per usage event.
+
+One fixed, versioned feature list (:data:`FEATURES`, :data:`FEATURE_VERSION`): a trained
+model artifact records both and is refused when they differ from this module's. Every
+feature is computed from the event, the task's window and the agent's own history, in
+O(1) amortised pure Python (no numpy on the hot path)::
+
+    name               what                                                        scale
+    gap_z              EWMA z-score of the task's inter-arrival (log s) against   z, + = faster
+                       the agent's own history                                      than usual
+    rate_z             EWMA z-score of the task's decayed 10 s call rate (log)     z
+    bytes_out_log      log1p(bytes out of this call)                               log bytes
+    bytes_out_z        EWMA z-score of log1p(bytes out) against the agent          z
+    task_bytes_log     log1p(bytes out of the task so far)                         log bytes
+    distinct_1m        log1p(distinct resources of the task in the last 60 s)      log count
+    new_tool           tool (action + resource head) never used by this agent      0/1
+    new_prefix         resource prefix (parent path) never used by this agent      0/1
+    new_source         source (address/user agent/key) never seen for this agent   0/1
+    scope_used         share of the declared grants exercised so far               0..1
+    denied_rate        denied / all calls of the task                              0..1
+    since_issue        log1p(seconds since the task was opened)                    log s
+    life_left          share of the task's lifetime remaining (< 0 after deadline) -1..1
+    seq_surprise       -log P(tool | previous tool) under the agent type's bigram  nats
+                       model (learned at training time; 0 without one)
+    seq_surprise_avg   the task's EWMA of seq_surprise (sustained odd sequences)   nats
+    task_events_log    log1p(calls of the task so far)                             log count
+    task_sources       distinct sources presenting the task's credentials (≤ 8)    count
+
+The agent's history (EWMA means/variances, first-seen sets) warms up over
+:data:`WARMUP` events; until then its z-scores are 0 and first-seen flags are off, so a
+detector that just started (or took over a partition) does not flag everything as new.
+State hangs off :class:`~detectors.state.TaskState` / :class:`~detectors.state.AgentState`
+(``features`` slot), so eviction and rebalances drop it with the rest of the counters.
+
+This module does no I/O and reads no clock. The agent *type* (which model and bigram
+table apply) is derived from the agent id by :class:`AgentTyper`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import deque
+from collections.abc import Iterable, Mapping
+from typing import Final
+
+from detectors.state import AgentState, TaskState
+from service.events import Decision, UsageEvent
+from service.scopes import CompiledScope, ScopeSpec, compile_scope
+
+__all__ = [
+    "DEFAULT_AGENT_TYPE_PATTERN",
+    "FEATURES",
+    "FEATURE_INDEX",
+    "FEATURE_VERSION",
+    "WARMUP",
+    "AgentTyper",
+    "FeatureExtractor",
+    "SequenceModel",
+    "resource_prefix",
+    "tool_of",
+]
+
+FEATURE_VERSION: Final = 1
+FEATURES: Final = (
+    "gap_z",
+    "rate_z",
+    "bytes_out_log",
+    "bytes_out_z",
+    "task_bytes_log",
+    "distinct_1m",
+    "new_tool",
+    "new_prefix",
+    "new_source",
+    "scope_used",
+    "denied_rate",
+    "since_issue",
+    "life_left",
+    "seq_surprise",
+    "seq_surprise_avg",
+    "task_events_log",
+    "task_sources",
+)
+FEATURE_INDEX: Final = {name: i for i, name in enumerate(FEATURES)}
+
+#: Events of an agent before its own history is trusted (z-scores, first-seen flags).
+WARMUP: Final = 30
+#: EWMA weight of the agent's history (~ the last 1/ALPHA events).
+ALPHA: Final = 0.02
+#: EWMA weight of a task's running sequence surprise.
+SEQ_ALPHA: Final = 0.3
+#: Time constant of the task's decayed call rate, and the distinct-resources window.
+RATE_TAU: Final = 10.0
+WINDOW: Final = 60.0
+#: Bounds on per-agent first-seen sets and per-task resource sets (memory).
+MAX_SEEN: Final = 4096
+MAX_TASK_RESOURCES: Final = 512
+MAX_TASK_SOURCES: Final = 8
+MIN_GAP: Final = 1e-3
+#: Agent type fallback: the model trained on every type pooled.
+ANY_TYPE: Final = "*"
+START: Final = "^"
+
+DEFAULT_AGENT_TYPE_PATTERN: Final = r"^(?P<type>.+?)[-_.](?=[0-9a-f]*[0-9])[0-9a-f]+$"
+
+_log = math.log
+_log1p = math.log1p
+_exp = math.exp
+_sqrt = math.sqrt
+
+
+def resource_prefix(resource: str) -> str:
+    """The parent of a resource: ``file:///data/r/q1.csv`` -> ``file:///data/r``."""
+    resource = resource.split("?", 1)[0]
+    cut = resource.rfind("/")
+    if cut <= 0 or resource[cut - 1] == "/":
+        return resource
+    return resource[:cut]
+
+
+def tool_of(action: str, resource: str) -> str:
+    """What was used: the action and the resource's first two path segments.
+
+    ``call tool/invoices.read`` -> ``call:tool/invoices.read``;
+    ``GET https://api.internal/v1/repos/x/y`` -> ``GET:https://api.internal/v1/repos``.
+    """
+    resource = resource.split("?", 1)[0]
+    start = resource.find("://")
+    start = resource.find("/", start + 3) if start >= 0 else 0
+    if start < 0:
+        return f"{action}:{resource}"
+    rest = resource[start:]
+    keep = 3 if rest.startswith("/") else 2
+    return f"{action}:{resource[:start]}{'/'.join(rest.split('/', keep)[:keep])}"
+
+
+class AgentTyper:
+    """Agent id -> agent type, by a regex with a ``type`` group (or group 1).
+
+    The default strips a trailing id-like token: ``research-0003`` -> ``research``,
+    ``agent-1a2b3c4d`` -> ``agent``; an id that does not match is its own type.
+    """
+
+    def __init__(self, pattern: str = DEFAULT_AGENT_TYPE_PATTERN) -> None:
+        self.pattern = pattern or DEFAULT_AGENT_TYPE_PATTERN
+        self._regex = re.compile(self.pattern)
+        self._group: str | int = "type" if "type" in self._regex.groupindex else 1
+        if self._regex.groups < 1:
+            raise ValueError(f"agent type pattern {pattern!r} has no group")
+
+    def __call__(self, agent_id: str) -> str:
+        match = self._regex.match(agent_id)
+        if match is None:
+            return agent_id
+        return match.group(self._group) or agent_id
+
+
+class SequenceModel:
+    """Per agent type, the surprise ``-log P(tool | previous tool)`` of a bigram model with
+    add-``smoothing`` counts, learned at training time. Unknown types use the pooled table.
+    """
+
+    def __init__(
+        self,
+        counts: Mapping[str, Mapping[str, Mapping[str, int]]],
+        *,
+        smoothing: float = 0.5,
+    ) -> None:
+        self.counts = {t: {p: dict(n) for p, n in c.items()} for t, c in counts.items()}
+        self.smoothing = smoothing
+        self._tables: dict[str, tuple[dict[str, tuple[dict[str, float], float]], float]] = {}
+        for agent_type, table in self.counts.items():
+            vocab = {tool for nexts in table.values() for tool in nexts}
+            v = len(vocab) + 1  # + "anything unseen"
+            rows: dict[str, tuple[dict[str, float], float]] = {}
+            for prev, nexts in table.items():
+                total = sum(nexts.values()) + smoothing * v
+                rows[prev] = (
+                    {tool: -_log((n + smoothing) / total) for tool, n in nexts.items()},
+                    -_log(smoothing / total),
+                )
+            unseen_prev = -_log(1.0 / v)
+            self._tables[agent_type] = (rows, unseen_prev)
+
+    @classmethod
+    def learn(
+        cls, sequences: Iterable[tuple[str, Iterable[str]]], *, smoothing: float = 0.5
+    ) -> SequenceModel:
+        """From (agent type, the tools of one task in order) pairs; also pools them."""
+        counts: dict[str, dict[str, dict[str, int]]] = {}
+        for agent_type, tools in sequences:
+            for key in (agent_type, ANY_TYPE):
+                table = counts.setdefault(key, {})
+                prev = START
+                for tool in tools:
+                    row = table.setdefault(prev, {})
+                    row[tool] = row.get(tool, 0) + 1
+                    prev = tool
+        return cls(counts, smoothing=smoothing)
+
+    def table(self, agent_type: str) -> tuple[dict[str, tuple[dict[str, float], float]], float]:
+        found = self._tables.get(agent_type) or self._tables.get(ANY_TYPE)
+        return found if found is not None else ({}, 0.0)
+
+    def surprise(self, agent_type: str, prev: str, tool: str) -> float:
+        rows, unseen = self.table(agent_type)
+        row = rows.get(prev)
+        if row is None:
+            return unseen if rows else 0.0
+        return row[0].get(tool, row[1])
+
+
+_NO_SEQUENCES = SequenceModel({})
+_GRANTS_CACHE: dict[ScopeSpec, tuple[tuple[str, CompiledScope], ...]] = {}
+
+
+def _grants(spec: ScopeSpec) -> tuple[tuple[str, CompiledScope], ...]:
+    """One single-grant compiled scope per grant (to see which grants were exercised)."""
+    found = _GRANTS_CACHE.get(spec)
+    if found is None:
+        if len(_GRANTS_CACHE) > 4096:
+            _GRANTS_CACHE.clear()
+        found = tuple(
+            (text.split(":", 1)[0], compile_scope(ScopeSpec(grants=(text,))))
+            for text in spec.grants
+        )
+        _GRANTS_CACHE[spec] = found
+    return found
+
+
+class AgentHistory:
+    """One agent's own behaviour: EWMA mean/variance of three quantities, first-seen sets."""
+
+    __slots__ = (
+        "agent_type",
+        "bytes_m",
+        "bytes_v",
+        "gap_m",
+        "gap_v",
+        "n",
+        "n_gap",
+        "prefixes",
+        "rate_m",
+        "rate_v",
+        "seq_rows",
+        "seq_unseen",
+        "sources",
+        "tools",
+    )
+
+    def __init__(self, agent_type: str, sequences: SequenceModel) -> None:
+        self.agent_type = agent_type
+        self.seq_rows, self.seq_unseen = sequences.table(agent_type)
+        self.n = 0
+        self.n_gap = 0
+        self.gap_m = self.gap_v = 0.0
+        self.rate_m = self.rate_v = 0.0
+        self.bytes_m = self.bytes_v = 0.0
+        self.tools: set[str] = set()
+        self.prefixes: set[str] = set()
+        self.sources: set[str] = set()
+
+
+class TaskWindow:
+    """One task's running window."""
+
+    __slots__ = (
+        "bytes",
+        "denied",
+        "events",
+        "grants_left",
+        "last_at",
+        "prev_tool",
+        "rate",
+        "recent",
+        "recent_counts",
+        "resources",
+        "seq_avg",
+        "sources",
+        "verdict",
+    )
+
+    def __init__(self, grants: tuple[tuple[str, CompiledScope], ...]) -> None:
+        self.events = 0
+        self.denied = 0
+        self.bytes = 0
+        self.last_at: float | None = None
+        self.rate = 0.0
+        self.prev_tool = START
+        self.seq_avg = 0.0
+        self.recent: deque[tuple[float, str]] = deque()
+        self.recent_counts: dict[str, int] = {}
+        self.resources: dict[str, str] = {}
+        """Resources the task used (first MAX_TASK_RESOURCES), with their tool."""
+        self.sources: set[str] = set()
+        self.grants_left = list(grants)
+        self.verdict: object | None = None
+        """The model policy's per-task state (detectors/models.py)."""
+
+
+class FeatureExtractor:
+    """Computes :data:`FEATURES` for each usage event, after :meth:`Store.observe`."""
+
+    def __init__(
+        self,
+        sequences: SequenceModel | None = None,
+        typer: AgentTyper | None = None,
+    ) -> None:
+        self.sequences = sequences or _NO_SEQUENCES
+        self.typer = typer or AgentTyper()
+
+    def agent_type(self, agent: AgentState) -> str:
+        return self._history(agent).agent_type
+
+    def _history(self, agent: AgentState) -> AgentHistory:
+        history = agent.features
+        if history is None:
+            history = agent.features = AgentHistory(self.typer(agent.agent_id), self.sequences)
+        assert isinstance(history, AgentHistory)
+        return history
+
+    def window(self, task: TaskState) -> TaskWindow | None:
+        found = task.features
+        return found if isinstance(found, TaskWindow) else None
+
+    def update(self, ev: UsageEvent, task: TaskState, agent: AgentState) -> tuple[float, ...]:
+        """Fold ``ev`` into the task's window and the agent's history; its feature row."""
+        h = agent.features
+        if h is None:
+            h = agent.features = AgentHistory(self.typer(agent.agent_id), self.sequences)
+        w = task.features
+        if w is None:
+            scope = task.scope
+            w = task.features = TaskWindow(_grants(scope.spec) if scope is not None else ())
+        assert isinstance(h, AgentHistory)
+        assert isinstance(w, TaskWindow)
+        at = ev.at
+        warm = h.n >= WARMUP
+        n = h.n = h.n + 1
+        w.events += 1
+        # Plain running mean/variance until 1/ALPHA events, then exponential forgetting.
+        alpha = ALPHA if n * ALPHA >= 1.0 else 1.0 / n
+
+        # -- inter-arrival and rate against the agent's own history
+        last = w.last_at
+        if last is None:
+            gap_z = 0.0
+            rate = w.rate = 1.0
+        else:
+            dt = at - last
+            if dt < MIN_GAP:
+                dt = MIN_GAP
+            x = _log(dt)
+            d = x - h.gap_m
+            gap_z = (h.gap_m - x) / _sqrt(h.gap_v + 0.01) if h.n_gap >= WARMUP else 0.0
+            n_gap = h.n_gap = h.n_gap + 1
+            a = ALPHA if n_gap * ALPHA >= 1.0 else 1.0 / n_gap
+            h.gap_m += a * d
+            h.gap_v = (1 - a) * (h.gap_v + a * d * d)
+            rate = w.rate = w.rate * _exp(-dt / RATE_TAU) + 1.0
+        if last is None or at > last:
+            w.last_at = at
+        x = _log(rate)
+        d = x - h.rate_m
+        rate_z = d / _sqrt(h.rate_v + 0.01) if warm else 0.0
+        h.rate_m += alpha * d
+        h.rate_v = (1 - alpha) * (h.rate_v + alpha * d * d)
+
+        # -- bytes out
+        nbytes = ev.bytes_out
+        bytes_log = _log1p(nbytes)
+        d = bytes_log - h.bytes_m
+        bytes_z = d / _sqrt(h.bytes_v + 0.01) if warm else 0.0
+        h.bytes_m += alpha * d
+        h.bytes_v = (1 - alpha) * (h.bytes_v + alpha * d * d)
+        w.bytes += nbytes
+
+        # -- distinct resources in the last minute
+        resource = ev.resource
+        recent, counts = w.recent, w.recent_counts
+        recent.append((at, resource))
+        counts[resource] = counts.get(resource, 0) + 1
+        horizon = at - WINDOW
+        while recent[0][0] < horizon:
+            _, old = recent.popleft()
+            left = counts[old] - 1
+            if left:
+                counts[old] = left
+            else:
+                del counts[old]
+
+        # -- first seen (by this agent) and scope share (first use of a resource only)
+        action = ev.action
+        known_tool = w.resources.get(resource)
+        if known_tool is not None:
+            tool = known_tool
+            new_tool = new_prefix = 0.0
+            if tool not in h.tools:
+                new_tool = 1.0 if warm else 0.0
+                if len(h.tools) < MAX_SEEN:
+                    h.tools.add(tool)
+        else:
+            tool = tool_of(action, resource)
+            if len(w.resources) < MAX_TASK_RESOURCES:
+                w.resources[resource] = tool
+            prefix = resource_prefix(resource)
+            new_tool = new_prefix = 0.0
+            if tool not in h.tools:
+                new_tool = 1.0 if warm else 0.0
+                if len(h.tools) < MAX_SEEN:
+                    h.tools.add(tool)
+            if prefix not in h.prefixes:
+                new_prefix = 1.0 if warm else 0.0
+                if len(h.prefixes) < MAX_SEEN:
+                    h.prefixes.add(prefix)
+            left_grants = w.grants_left
+            if left_grants:
+                for i, (grant_action, grant) in enumerate(left_grants):
+                    if (grant_action == action or grant_action == "*") and grant.covers(
+                        action, resource
+                    ):
+                        del left_grants[i]
+                        break
+        scope = task.scope
+        n_grants = len(scope.grants) if scope is not None else 0
+        scope_used = (n_grants - len(w.grants_left)) / n_grants if n_grants else 0.0
+
+        source = ev.source
+        source_key = source.address or source.user_agent or source.jkt or ""
+        new_source = 0.0
+        if source_key not in h.sources:
+            new_source = 1.0 if warm else 0.0
+            if len(h.sources) < MAX_SEEN:
+                h.sources.add(source_key)
+        if source_key not in w.sources and len(w.sources) < MAX_TASK_SOURCES:
+            w.sources.add(source_key)
+
+        # -- denied share, lifetime
+        if ev.decision is not Decision.ALLOW:
+            w.denied += 1
+        opened = task.opened_at
+        if opened is None:
+            opened = task.opened_at = at
+        since = at - opened
+        deadline = task.deadline
+        if deadline is not None and deadline > opened:
+            life_left = (deadline - at) / (deadline - opened)
+            life_left = 1.0 if life_left > 1.0 else (-1.0 if life_left < -1.0 else life_left)
+        else:
+            life_left = 1.0
+
+        # -- tool sequence under the agent type's bigram model
+        row = h.seq_rows.get(w.prev_tool)
+        if row is None:
+            surprise = h.seq_unseen if h.seq_rows else 0.0
+        else:
+            surprise = row[0].get(tool, row[1])
+        w.prev_tool = tool
+        seq_avg = w.seq_avg = (
+            surprise if w.events == 1 else w.seq_avg + SEQ_ALPHA * (surprise - w.seq_avg)
+        )
+
+        return (
+            gap_z,
+            rate_z,
+            bytes_log,
+            bytes_z,
+            _log1p(w.bytes),
+            _log1p(len(counts)),
+            new_tool,
+            new_prefix,
+            new_source,
+            scope_used,
+            w.denied / w.events,
+            _log1p(since if since > 0 else 0.0),
+            life_left,
+            surprise,
+            seq_avg,
+            _log1p(w.events),
+            float(len(w.sources)),
+        )

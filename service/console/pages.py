@@ -1,0 +1,280 @@
+"""The console's pages (GET): alerts, tasks, agents, the panic button, the audit log,
+operators, plus the two feeds the alert page's script reads with the session cookie
+(an ``EventSource`` cannot send an ``Authorization`` header): the alert stream and the
+per-minute timeline. Every page reads through the repository or a domain module; none
+changes anything."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from litestar import Controller, Request, Response, get
+from litestar.di import Provide
+from litestar.params import HeaderParameter, Parameter, QueryParameter
+from litestar.response import ServerSentEvent
+
+from service import agents, alerts, operators, tasks
+from service.api.deps import ServicesDep
+from service.api.sse import alert_stream
+from service.auth import ADMIN
+from service.console.render import SECURITY_HEADERS
+from service.console.web import UserDep, page, provide_user, session_guard
+from service.contracts import (
+    AgentTarget,
+    CredentialTarget,
+    CutoffTarget,
+    RevocationView,
+    Role,
+    TaskStatus,
+    TaskTarget,
+    TimelinePoint,
+)
+from service.errors import NotFound
+from service.storage import repository as repo
+
+ALERTS_ON_PAGE = 100
+TASK_PAGE = 50
+ACTIVE_CAP = 1000
+SUBTASK_CAP = 200
+
+Id = Annotated[str, Parameter(max_length=128)]
+
+
+def target_label(view: RevocationView) -> str:
+    match view.target:
+        case TaskTarget(task_id=task_id):
+            return f"task {task_id}"
+        case AgentTarget(agent_id=agent_id):
+            return f"agent {agent_id}"
+        case CredentialTarget():
+            return "one credential"
+        case CutoffTarget(agent_id=agent_id):
+            return f"cut-off, {'agent ' + agent_id if agent_id else 'every agent'}"
+
+
+def revocation_rows(views: list[RevocationView]) -> list[dict[str, Any]]:
+    return [
+        {
+            "seq": v.seq,
+            "created_at": v.created_at,
+            "target_label": target_label(v),
+            "reason": v.reason,
+            "actor": v.actor,
+            "source": v.source.value,
+            "affected_tasks": v.affected_tasks,
+            "affected_credentials": v.affected_credentials,
+        }
+        for v in views
+    ]
+
+
+class PagesController(Controller):
+    path = "/"
+    include_in_schema = False
+    guards = [session_guard]
+    dependencies = {"user": Provide(provide_user, sync_to_thread=False)}
+
+    @get("/alerts", operation_id="consoleAlerts", summary="Live alert feed")
+    async def alerts_page(
+        self, request: Request[Any, Any, Any], user: UserDep, services: ServicesDep
+    ) -> Response[str]:
+        recent = await repo.list_alerts(services.db, limit=ALERTS_ON_PAGE)
+        last_seq = max((a.seq for a in recent), default=0)
+        return page(request, user, "alerts.html", "alerts", alerts=recent, last_seq=last_seq)
+
+    @get("/alerts/stream", operation_id="consoleAlertStream", summary="Alert SSE for the page")
+    async def alert_feed(
+        self,
+        user: UserDep,
+        services: ServicesDep,
+        after: Annotated[int | None, QueryParameter(ge=0, le=2**63 - 1)] = None,
+        last_event_id: Annotated[
+            int | None, HeaderParameter(name="Last-Event-ID", ge=0, le=2**63 - 1, required=False)
+        ] = None,
+    ) -> ServerSentEvent:
+        # A reconnecting EventSource sends Last-Event-ID; the first connection resumes
+        # after the newest alert the page was rendered with.
+        start = last_event_id if last_event_id is not None else (after or 0)
+        return ServerSentEvent(alert_stream(services, start), headers={"Cache-Control": "no-store"})
+
+    @get("/stats/timeline", operation_id="consoleTimeline", summary="Per-minute chart data")
+    async def timeline(
+        self,
+        user: UserDep,
+        services: ServicesDep,
+        minutes: Annotated[int, Parameter(ge=1, le=1440)] = 30,
+    ) -> Response[list[TimelinePoint]]:
+        points = await alerts.timeline(services, minutes)
+        return Response(points, headers=dict(SECURITY_HEADERS))
+
+    @get("/tasks", operation_id="consoleTasks", summary="Tasks, newest first")
+    async def tasks_page(
+        self,
+        request: Request[Any, Any, Any],
+        user: UserDep,
+        services: ServicesDep,
+        agent_id: Annotated[str | None, Parameter(max_length=64)] = None,
+        status: Annotated[TaskStatus | None, QueryParameter()] = None,
+        cursor: Annotated[str | None, Parameter(max_length=64)] = None,
+    ) -> Response[str]:
+        records = await repo.list_tasks(
+            services.db, agent_id=agent_id or None, status=status, before=cursor, limit=TASK_PAGE
+        )
+        now = services.clock.now()
+        next_cursor = records[-1].id if len(records) == TASK_PAGE else None
+        query = {"agent_id": agent_id or "", "status": status.value if status else ""}
+        return page(
+            request,
+            user,
+            "tasks.html",
+            "tasks",
+            tasks=[tasks.view(t, now) for t in records],
+            agent_id=agent_id,
+            status_filter=status.value if status else "",
+            next_cursor=next_cursor,
+            next_query=urlencode({**query, "cursor": next_cursor or ""}),
+        )
+
+    @get("/tasks/{task_id:str}", operation_id="consoleTask", summary="One task")
+    async def task_page(
+        self, request: Request[Any, Any, Any], task_id: Id, user: UserDep, services: ServicesDep
+    ) -> Response[str]:
+        record = await repo.get_task(services.db, task_id)
+        if record is None:
+            raise NotFound(f"no task {task_id!r}")
+        now = services.clock.now()
+        credentials = [
+            {
+                "jti_hash": row["jti_hash"],
+                "kid": row["kid"],
+                "issued_at": row["issued_at"],
+                "expires_at": row["expires_at"],
+                "revoked_at": row["revoked_at"],
+                "state": "revoked"
+                if row["revoked_at"] is not None
+                else ("expired" if row["expires_at"] <= now else "active"),
+            }
+            for row in await repo.credentials_of_task(services.db, task_id)
+        ]
+        tree = await repo.task_and_descendants(services.db, task_id)
+        subtasks = []
+        for sub_id in [t for t in tree if t != task_id][:SUBTASK_CAP]:
+            sub = await repo.get_task(services.db, sub_id)
+            if sub is not None:
+                subtasks.append(tasks.view(sub, now))
+        subtasks.sort(key=lambda t: t.created_at)
+        recent = await repo.list_alerts(services.db, task_id=task_id, limit=50)
+        return page(
+            request,
+            user,
+            "task.html",
+            "tasks",
+            task=tasks.view(record, now),
+            credentials=credentials,
+            subtasks=subtasks,
+            alerts=recent,
+        )
+
+    @get("/agents", operation_id="consoleAgents", summary="Registered agents")
+    async def agents_page(
+        self,
+        request: Request[Any, Any, Any],
+        user: UserDep,
+        services: ServicesDep,
+        cursor: Annotated[str | None, Parameter(max_length=64)] = None,
+    ) -> Response[str]:
+        records = await repo.list_agents(services.db, after=cursor, limit=TASK_PAGE)
+        next_cursor = records[-1].id if len(records) == TASK_PAGE else None
+        return page(
+            request,
+            user,
+            "agents.html",
+            "agents",
+            agents=[agents.view(a) for a in records],
+            next_cursor=next_cursor,
+        )
+
+    @get("/agents/{agent_id:str}", operation_id="consoleAgent", summary="One agent")
+    async def agent_page(
+        self,
+        request: Request[Any, Any, Any],
+        agent_id: Id,
+        user: UserDep,
+        services: ServicesDep,
+    ) -> Response[str]:
+        record = await agents.get(services, agent_id)
+        now = services.clock.now()
+        active = await repo.list_tasks(
+            services.db, agent_id=agent_id, status=TaskStatus.ACTIVE, before=None, limit=ACTIVE_CAP
+        )
+        revocations = await repo.revocations_touching_agent(services.db, agent_id, limit=100)
+        recent = await repo.list_alerts(services.db, agent_id=agent_id, limit=50)
+        return page(
+            request,
+            user,
+            "agent.html",
+            "agents",
+            agent=agents.view(record),
+            active_tasks=[tasks.view(t, now) for t in active],
+            revocations=revocation_rows(revocations),
+            alerts=recent,
+        )
+
+    @get("/panic", operation_id="consolePanic", summary="The panic button")
+    async def panic_page(
+        self, request: Request[Any, Any, Any], user: UserDep, services: ServicesDep
+    ) -> Response[str]:
+        active = await repo.list_tasks(
+            services.db, agent_id=None, status=TaskStatus.ACTIVE, before=None, limit=ACTIVE_CAP
+        )
+        registered = await repo.list_agents(services.db, after=None, limit=500)
+        return page(
+            request,
+            user,
+            "panic.html",
+            "panic",
+            active_tasks=len(active),
+            active_cap=ACTIVE_CAP,
+            agents=[agents.view(a) for a in registered],
+        )
+
+    @get("/audit", operation_id="consoleAudit", summary="The audit log, newest first")
+    async def audit_page(
+        self,
+        request: Request[Any, Any, Any],
+        user: UserDep,
+        services: ServicesDep,
+        before: Annotated[int | None, QueryParameter(ge=0, le=2**63 - 1)] = None,
+    ) -> Response[str]:
+        entries = await repo.recent_audit(services.db, before_seq=before, limit=200)
+        older = entries[-1].seq if len(entries) == 200 else None
+        return page(request, user, "audit.html", "audit", entries=entries, older=older)
+
+    @get("/operators", operation_id="consoleOperators", summary="Operators (admin)")
+    async def operators_page(
+        self, request: Request[Any, Any, Any], user: UserDep, services: ServicesDep
+    ) -> Response[str]:
+        user.require(ADMIN, "manage operators")
+        return await operators_view(request, user, services)
+
+
+async def operators_view(
+    request: Request[Any, Any, Any],
+    user: UserDep,
+    services: ServicesDep,
+    *,
+    created: Any = None,
+    status_code: int = 200,
+) -> Response[str]:
+    listed = [operators.view(o) for o in await repo.list_operators(services.db)]
+    return page(
+        request,
+        user,
+        "operators.html",
+        "operators",
+        status_code=status_code,
+        operators=listed,
+        roles=[r.value for r in Role],
+        created=created,
+    )
