@@ -17,7 +17,7 @@ from service.credentials.keys import KeyStore
 from service.credentials.rfc9068 import TokenVerifier
 from service.identity import validate_trust_domain
 from service.metrics import Metrics
-from service.propagation import OutboxRelay, Propagator, RevocationHub
+from service.propagation import OutboxRelay, Propagator, RevocationHub, RevocationTail
 from service.revocation import DenyState, Revoker
 from service.storage.database import Database, open_database
 from service.storage.migrations import migrate
@@ -41,11 +41,14 @@ class Services:
     alert_hub: AlertHub
     ingester: AlertIngester | None
     """Reads the alerts topic into the database; None without KS_KAFKA_BOOTSTRAP."""
+    tail: RevocationTail
+    """Brings revocations committed by other replicas into this one within ~0.1 s."""
     bootstrap_admin_token: str | None = None
     """Set only on the start that generated the first admin's token; printed once, never
     logged. None when there already was an admin or KS_BOOTSTRAP_ADMIN_TOKEN was used."""
 
     async def close(self) -> None:
+        await self.tail.stop()
         if self.ingester is not None:
             await self.ingester.stop()
         if self.relay is not None:
@@ -102,10 +105,13 @@ async def start(
             relay=relay,
             alert_hub=alert_hub,
             ingester=ingester,
+            tail=RevocationTail(db, propagator, clock),
         )
         if bootstrap:
             services.bootstrap_admin_token = await ensure_admin(services)
             await ensure_detector(services)
+        await services.tail.poll_once()  # recent revocations are "seen" before serving
+        await services.tail.start()
         if relay is not None:
             await relay.start()
         if ingester is not None:

@@ -27,6 +27,7 @@ from service.storage import repository as repo
 from service.storage.database import Database
 
 if TYPE_CHECKING:
+    from service.clock import Clock
     from service.revocation import DenyState
 
 log = logging.getLogger("killswitch.propagation")
@@ -173,6 +174,7 @@ class Propagator:
         self.deny = deny
         self.hub = hub
         self.relay = relay
+        self._seen: dict[int, float] = {}
 
     @property
     def outbox_enabled(self) -> bool:
@@ -180,7 +182,73 @@ class Propagator:
 
     def committed(self, revocations: list[RevocationEvent], *, tasks_changed: bool) -> None:
         for event in revocations:
-            self.deny.apply(event)
-            self.hub.publish(event)
+            self.observed(event)
         if self.relay is not None and (revocations or tasks_changed):
             self.relay.notify()
+
+    def observed(self, event: RevocationEvent) -> bool:
+        """Apply and announce a committed revocation once, whichever path brought it
+        (this replica's commit, or the :class:`RevocationTail`). True if it was new."""
+        if event.seq in self._seen:
+            return False
+        self._seen[event.seq] = event.at
+        self.deny.apply(event)
+        self.hub.publish(event)
+        return True
+
+    def forget_before(self, at: float) -> None:
+        self._seen = {seq: when for seq, when in self._seen.items() if when >= at}
+
+
+class RevocationTail:
+    """Revocations committed by *other* replicas (or processes) reach this replica's deny
+    state and SSE listeners within ``interval`` seconds.
+
+    It polls the revocations of the last ``window`` seconds (indexed by ``created_at``)
+    rather than "seq > last": on PostgreSQL a lower seq can commit after a higher one, and
+    a seq-cursor would skip it. Everything is applied through :meth:`Propagator.observed`,
+    so what this replica committed itself is never announced twice.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        propagator: Propagator,
+        clock: Clock,
+        *,
+        interval: float = 0.1,
+        window: float = 10.0,
+    ) -> None:
+        self.db = db
+        self.propagator = propagator
+        self.clock = clock
+        self.interval = interval
+        self.window = window
+        self.applied = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="revocation-tail")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def poll_once(self) -> int:
+        since = self.clock.now() - self.window
+        new = 0
+        for event in await repo.revocation_events_since(self.db, since=since):
+            new += self.propagator.observed(event)
+        self.propagator.forget_before(since - self.window)
+        self.applied += new
+        return new
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+            except Exception as exc:  # a database hiccup must not end the tail
+                log.warning("revocation tail: %s", exc)
+            await asyncio.sleep(self.interval)

@@ -287,13 +287,6 @@ async def close_tasks(
     )
 
 
-async def recently_closed_tasks(db: Database, since: float) -> list[tuple[str, str]]:
-    rows = await db.fetch(
-        "SELECT id, status FROM tasks WHERE closed_at IS NOT NULL AND closed_at >= ?", since
-    )
-    return [(r["id"], r["status"]) for r in rows]
-
-
 # --------------------------------------------------------------------------- credentials
 
 
@@ -372,11 +365,6 @@ async def live_revoked_credentials(db: Database, now: float) -> list[str]:
         "SELECT jti_hash FROM credentials WHERE revoked_at IS NOT NULL AND expires_at > ?", now
     )
     return [r["jti_hash"] for r in rows]
-
-
-async def latest_expiry_for_kid(db: Database, kid: str) -> float | None:
-    row = await db.fetchrow("SELECT MAX(expires_at) AS m FROM credentials WHERE kid = ?", kid)
-    return None if row is None or row["m"] is None else float(row["m"])
 
 
 # --------------------------------------------------------------------------- revocations
@@ -465,6 +453,11 @@ async def revocation_events(db: Database, *, after_seq: int, limit: int) -> list
     rows = await db.fetch(
         "SELECT * FROM revocations WHERE seq > ? ORDER BY seq LIMIT ?", after_seq, limit
     )
+    return [_revocation_event(r) for r in rows]
+
+
+async def revocation_events_since(db: Database, *, since: float) -> list[RevocationEvent]:
+    rows = await db.fetch("SELECT * FROM revocations WHERE created_at >= ? ORDER BY seq", since)
     return [_revocation_event(r) for r in rows]
 
 

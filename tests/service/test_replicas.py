@@ -1,0 +1,55 @@
+"""Two replicas of the service over one database (and one key directory): a revocation
+committed through one reaches the other's SSE listeners live and its own deny state,
+without a reconnect and without Kafka."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.service.test_sse import _agent_with_task, _operator, _revoke_task
+from tests.support.serve import serve
+
+
+def test_a_revocation_through_one_replica_is_live_on_the_other(
+    tmp_path: Path, database_url: str
+) -> None:
+    token = "kso_" + secrets.token_urlsafe(32)
+    data = tmp_path / "data"
+    with (
+        serve(data, database_url, admin_token=token) as a,
+        serve(data, database_url, admin_token=token) as b,
+    ):
+        analyst = _operator(a, "analyst")
+        _, task_id = _agent_with_task(a)
+        headers = {"Authorization": f"Bearer {analyst}", "Accept": "text/event-stream"}
+        with httpx.stream(
+            "GET", f"{b.url}/v1/revocations/stream", headers=headers, timeout=10
+        ) as stream:
+            assert stream.status_code == 200
+            lines = stream.iter_lines()
+            for line in lines:  # the replay is over once the first heartbeat arrives
+                if line.strip() == "event: heartbeat":
+                    break
+            sent_at = time.monotonic()
+            seq = _revoke_task(a, analyst, task_id)  # committed through replica A
+            event, ident, data_line = None, None, ""
+            for line in lines:
+                if time.monotonic() - sent_at > 5:  # heartbeats keep coming; don't wait forever
+                    break
+                if line.startswith("event:"):
+                    event = line.split(":", 1)[1].strip()
+                elif line.startswith("id:"):
+                    ident = line.split(":", 1)[1].strip()
+                elif line.startswith("data:"):
+                    data_line = line.split(":", 1)[1].strip()
+                elif line == "" and event == "revocation":
+                    break
+            delay = time.monotonic() - sent_at
+        assert ident == str(seq)
+        assert json.loads(data_line)["task_ids"] == [task_id]
+        assert delay < 2.0, f"replica B announced it after {delay:.2f}s"
