@@ -772,7 +772,7 @@ def report(result: dict[str, Any], args: argparse.Namespace, broker: str) -> boo
     h = result["decision_hist"]
     print(
         f"  detector killswitch_detector_decision_seconds over the kill window (every batch, "
-        f"background-only ones too: fetch → actions durable → commit): {h['batches']:.0f} "
+        f"background-only ones too: fetch → actions durable, not the commit): {h['batches']:.0f} "
         f"batches, mean {ms(h['mean_ms'])} ms, p50 {h['p50']}, p90 {h['p90']}, p99 {h['p99']}"
     )
     rh = result["revoke_http"]

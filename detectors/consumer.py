@@ -4,13 +4,17 @@ One turn of the loop::
 
     drain task/revocation facts  ->  getmany(usage)  ->  decode (typed; bad -> DLQ)
       ->  look up tasks nobody told us about  ->  count + rules  ->  act (revoke, alert)
-      ->  wait until every action is durable  ->  commit the batch's offsets
+      ->  wait until every action is durable  ->  hand the batch's offsets to the committer
 
 Offsets are committed only after the batch's revocations are acknowledged by the service
 and its alerts and dead letters by Kafka, so a crash anywhere before the commit means
 redelivery, never loss (at-least-once). Redelivery is harmless because every action is
 idempotent: revocations carry ``<rule id>:<task id>`` as idempotency key, alert ids are
 derived from rule, task and event.
+
+The commit runs in the background so that the next fetch does not wait for it: at most
+one commit is in flight, commits are coalesced to one per ``_COMMIT_EVERY``, and what is
+durable is committed before partitions are revoked and before the consumer stops.
 
 Facts (tasks topic, revocations topic) are read by a second, group-less consumer that
 replays both topics from the beginning before the detector reports ready, then follows
@@ -60,6 +64,7 @@ log = logging.getLogger("killswitch.detector")
 _LOOKUP_CONCURRENCY: Final = 16
 _SWEEP_EVERY: Final = 5.0
 _LIVE_WITHIN: Final = 30.0
+_COMMIT_EVERY: Final = 0.05
 
 Batch = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 
@@ -76,6 +81,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka i
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         # The batch in flight finishes and commits first; its partitions are still ours.
         async with self._detector.batch_lock:
+            await self._detector.flush_commits()
             parts = {tp.partition for tp in revoked}
             self._detector.store.drop_partitions(parts)
             for tp in revoked:
@@ -138,6 +144,11 @@ class Detector:
         self.batch_lock = asyncio.Lock()
         self.processed: dict[TopicPartition, int] = {}
         """Next offset per partition whose batch is durable and committed (tests wait on it)."""
+        self._durable: dict[TopicPartition, int] = {}
+        """Next offset per partition whose batch is durable, not yet handed to a commit."""
+        self._committer: asyncio.Task[None] | None = None
+        self._hurry = asyncio.Event()
+        self._last_commit = 0.0
         self.assigned_once = False
         self.caught_up = False
         self.metrics_port: int | None = None
@@ -206,6 +217,13 @@ class Detector:
         except Abandoned as exc:
             log.warning("stopping with a batch not committed (it will be redelivered): %s", exc)
         finally:
+            # Durable batches are committed while the consumer is still in the group.
+            try:
+                await asyncio.wait_for(
+                    self.flush_commits(), float(settings.detector_shutdown_grace_s)
+                )
+            except Exception as exc:  # stopping anyway: the rest is redelivered
+                log.warning("stopping with offsets not committed (redelivered): %r", exc)
             # Consumer first (leaves the group, so a peer takes over quickly), then the rest.
             for client in reversed(started):
                 with contextlib.suppress(Exception):
@@ -381,7 +399,7 @@ class Detector:
                     # Known dead from now on: later uses are use-after-end, not new revokes.
                     task.end("revoked", outcome.created_at or now)
             self.metrics.events.labels(outcome="decided").inc(len(events))
-            await self._commit(batch, usage)
+            self._queue_commit(batch, usage)
             self.metrics.decision_latency.observe(time.perf_counter() - t0)
 
     @staticmethod
@@ -438,13 +456,47 @@ class Detector:
 
         await asyncio.gather(*(one(t, a) for t, a in wanted.items()))
 
-    async def _commit(self, batch: Batch, usage: AIOKafkaConsumer) -> None:
+    # ---------------------------------------------------------------- commits
+
+    def _queue_commit(self, batch: Batch, usage: AIOKafkaConsumer) -> None:
+        """Hand a batch whose actions are all durable to the (single) background committer."""
+        for tp, records in batch.items():
+            if records:
+                self._durable[tp] = records[-1].offset + 1
+        committer = self._committer
+        if committer is not None and not committer.done():
+            return  # it picks these offsets up before it finishes
+        if committer is not None:
+            committer.result()  # a commit bug stops the detector, as it did inline
+        self._committer = asyncio.create_task(self._commit_durable(usage))
+
+    async def flush_commits(self) -> None:
+        """Wait until every durable offset handed over so far is committed (or failed)."""
+        committer = self._committer
+        if committer is None:
+            return
+        self._hurry.set()
+        try:
+            await committer
+        finally:
+            self._hurry.clear()
+
+    async def _commit_durable(self, usage: AIOKafkaConsumer) -> None:
+        while self._durable:
+            wait = self._last_commit + _COMMIT_EVERY - time.monotonic()
+            if wait > 0 and not self._hurry.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._hurry.wait(), wait)
+            offsets, self._durable = self._durable, {}
+            self._last_commit = time.monotonic()
+            await self._commit(offsets, usage)
+
+    async def _commit(self, offsets: dict[TopicPartition, int], usage: AIOKafkaConsumer) -> None:
         pause = self.settings.detector_test_pause_before_commit_ms
         if pause > 0:
             log.warning("test hook: pausing %d ms before commit", pause)
             await asyncio.sleep(pause / 1000)
         assigned = usage.assignment()
-        offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if records}
         offsets = {tp: offset for tp, offset in offsets.items() if tp in assigned}
         if not offsets:
             return

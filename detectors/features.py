@@ -12,7 +12,13 @@ O(1) amortised pure Python (no numpy on the hot path)::
     bytes_out_log      log1p(bytes out of this call)                               log bytes
     bytes_out_z        EWMA z-score of log1p(bytes out) against the agent          z
     task_bytes_log     log1p(bytes out of the task so far)                         log bytes
-    distinct_1m        log1p(distinct resources of the task in the last 60 s)      log count
+    bytes_excess       log1p(task's running sum of max(0, bytes_out_z - 2))        log z
+    distinct_1m        log1p(distinct resources the task first reached in the      log count
+                       last 60 s: distinct-resource growth)
+    fresh_share        task EWMA of "first use of this resource by the task"       0..1
+    new_resource       resource never used by this agent                           0/1
+    new_resource_share task EWMA of new_resource minus the agent's own slow        -1..1
+                       EWMA of it (new-resource share against the agent's norm)
     new_tool           tool (action + resource head) never used by this agent      0/1
     new_prefix         resource prefix (parent path) never used by this agent      0/1
     new_source         source (address/user agent/key) never seen for this agent   0/1
@@ -42,7 +48,7 @@ import math
 import re
 from collections import deque
 from collections.abc import Iterable, Mapping
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from detectors.state import AgentState, TaskState
 from service.events import Decision, UsageEvent
@@ -61,14 +67,18 @@ __all__ = [
     "tool_of",
 ]
 
-FEATURE_VERSION: Final = 1
+FEATURE_VERSION: Final = 2
 FEATURES: Final = (
     "gap_z",
     "rate_z",
     "bytes_out_log",
     "bytes_out_z",
     "task_bytes_log",
+    "bytes_excess",
     "distinct_1m",
+    "fresh_share",
+    "new_resource",
+    "new_resource_share",
     "new_tool",
     "new_prefix",
     "new_source",
@@ -89,6 +99,13 @@ WARMUP: Final = 30
 ALPHA: Final = 0.02
 #: EWMA weight of a task's running sequence surprise.
 SEQ_ALPHA: Final = 0.3
+#: EWMA weight of a task's running shares of first-used / never-seen resources.
+TASK_ALPHA: Final = 0.2
+#: EWMA weight of the agent's own share of calls reaching never-used resources (slow, so
+#: an enumeration does not teach the agent's norm within the attack).
+NEW_ALPHA: Final = 0.005
+#: A call's bytes-out z-score counts towards the task's excess beyond this.
+EXCESS_Z: Final = 2.0
 #: Time constant of the task's decayed call rate, and the distinct-resources window.
 RATE_TAU: Final = 10.0
 WINDOW: Final = 60.0
@@ -102,6 +119,14 @@ ANY_TYPE: Final = "*"
 START: Final = "^"
 
 DEFAULT_AGENT_TYPE_PATTERN: Final = r"^(?P<type>.+?)[-_.](?=[0-9a-f]*[0-9])[0-9a-f]+$"
+
+_ALLOW: Final = Decision.ALLOW
+_ALPHA_N: Final = round(1.0 / ALPHA)
+_NEW_ALPHA_N: Final = round(1.0 / NEW_ALPHA)
+_TASK_ALPHA_N: Final = round(1.0 / TASK_ALPHA)
+_INV_TAU: Final = 1.0 / RATE_TAU
+_TABLE: Final = 4096
+_LOG1P: Final = tuple(math.log1p(i) for i in range(_TABLE))
 
 _log = math.log
 _log1p = math.log1p
@@ -239,9 +264,11 @@ class AgentHistory:
         "gap_v",
         "n",
         "n_gap",
+        "new_m",
         "prefixes",
         "rate_m",
         "rate_v",
+        "resources",
         "seq_rows",
         "seq_unseen",
         "sources",
@@ -256,46 +283,68 @@ class AgentHistory:
         self.gap_m = self.gap_v = 0.0
         self.rate_m = self.rate_v = 0.0
         self.bytes_m = self.bytes_v = 0.0
+        self.new_m = 0.0
+        """The agent's own (slow) EWMA share of calls reaching a resource it never used."""
+        self.resources: dict[str, str] = {}
+        """Resources this agent used (first MAX_SEEN), with their tool."""
         self.tools: set[str] = set()
         self.prefixes: set[str] = set()
         self.sources: set[str] = set()
 
 
 class TaskWindow:
-    """One task's running window."""
+    """One task's running window (and the model policy's per-task state)."""
 
     __slots__ = (
         "bytes",
+        "cusum",
         "denied",
         "events",
+        "excess",
+        "first_uses",
+        "fresh_avg",
         "grants_left",
+        "inv_life",
         "last_at",
+        "max_score",
+        "n_grants",
+        "new_avg",
+        "novel_source",
+        "opened",
         "prev_tool",
         "rate",
-        "recent",
-        "recent_counts",
         "resources",
+        "scope_used",
         "seq_avg",
         "sources",
-        "verdict",
     )
 
     def __init__(self, grants: tuple[tuple[str, CompiledScope], ...]) -> None:
         self.events = 0
         self.denied = 0
         self.bytes = 0
+        self.excess = 0.0
         self.last_at: float | None = None
+        self.opened = 0.0
+        self.inv_life = 0.0
         self.rate = 0.0
         self.prev_tool = START
         self.seq_avg = 0.0
-        self.recent: deque[tuple[float, str]] = deque()
-        self.recent_counts: dict[str, int] = {}
+        self.fresh_avg = 0.0
+        self.new_avg = 0.0
+        self.first_uses: deque[float] = deque()
+        """Times the task first reached each of its resources, the last WINDOW s."""
         self.resources: dict[str, str] = {}
         """Resources the task used (first MAX_TASK_RESOURCES), with their tool."""
         self.sources: set[str] = set()
         self.grants_left = list(grants)
-        self.verdict: object | None = None
-        """The model policy's per-task state (detectors/models.py)."""
+        self.n_grants = len(grants)
+        self.scope_used = 0.0
+        self.novel_source = False
+        """A source this agent never used presented the task's credential (after warm-up)."""
+        self.cusum = 0.0
+        """The model's running task score (detectors/models.py)."""
+        self.max_score = 0.0
 
 
 class FeatureExtractor:
@@ -308,6 +357,8 @@ class FeatureExtractor:
     ) -> None:
         self.sequences = sequences or _NO_SEQUENCES
         self.typer = typer or AgentTyper()
+        self.last_type = ANY_TYPE
+        """The agent type of the last event :meth:`update` saw."""
 
     def agent_type(self, agent: AgentState) -> str:
         return self._history(agent).agent_type
@@ -330,121 +381,112 @@ class FeatureExtractor:
             h = agent.features = AgentHistory(self.typer(agent.agent_id), self.sequences)
         w = task.features
         if w is None:
-            scope = task.scope
-            w = task.features = TaskWindow(_grants(scope.spec) if scope is not None else ())
-        assert isinstance(h, AgentHistory)
-        assert isinstance(w, TaskWindow)
+            w = task.features = self._open_window(task, ev.at)
+        if TYPE_CHECKING:
+            assert isinstance(h, AgentHistory)
+            assert isinstance(w, TaskWindow)
+        self.last_type = h.agent_type
         at = ev.at
-        warm = h.n >= WARMUP
         n = h.n = h.n + 1
-        w.events += 1
+        warm = n > WARMUP
+        events = w.events = w.events + 1
         # Plain running mean/variance until 1/ALPHA events, then exponential forgetting.
-        alpha = ALPHA if n * ALPHA >= 1.0 else 1.0 / n
+        alpha = ALPHA if n >= _ALPHA_N else 1.0 / n
 
         # -- inter-arrival and rate against the agent's own history
         last = w.last_at
         if last is None:
             gap_z = 0.0
             rate = w.rate = 1.0
+            w.last_at = at
         else:
             dt = at - last
+            if at > last:
+                w.last_at = at
             if dt < MIN_GAP:
                 dt = MIN_GAP
             x = _log(dt)
-            d = x - h.gap_m
-            gap_z = (h.gap_m - x) / _sqrt(h.gap_v + 0.01) if h.n_gap >= WARMUP else 0.0
+            m = h.gap_m
+            d = x - m
             n_gap = h.n_gap = h.n_gap + 1
-            a = ALPHA if n_gap * ALPHA >= 1.0 else 1.0 / n_gap
-            h.gap_m += a * d
+            gap_z = (m - x) / _sqrt(h.gap_v + 0.01) if n_gap > WARMUP else 0.0
+            a = ALPHA if n_gap >= _ALPHA_N else 1.0 / n_gap
+            h.gap_m = m + a * d
             h.gap_v = (1 - a) * (h.gap_v + a * d * d)
-            rate = w.rate = w.rate * _exp(-dt / RATE_TAU) + 1.0
-        if last is None or at > last:
-            w.last_at = at
-        x = _log(rate)
-        d = x - h.rate_m
+            rate = w.rate = w.rate * _exp(-dt * _INV_TAU) + 1.0
+        d = _log(rate) - h.rate_m
         rate_z = d / _sqrt(h.rate_v + 0.01) if warm else 0.0
         h.rate_m += alpha * d
         h.rate_v = (1 - alpha) * (h.rate_v + alpha * d * d)
 
-        # -- bytes out
+        # -- bytes out: this call against the agent, the task's running excess
         nbytes = ev.bytes_out
         bytes_log = _log1p(nbytes)
         d = bytes_log - h.bytes_m
-        bytes_z = d / _sqrt(h.bytes_v + 0.01) if warm else 0.0
+        if warm:
+            bytes_z = d / _sqrt(h.bytes_v + 0.01)
+            if bytes_z > EXCESS_Z:
+                w.excess += bytes_z - EXCESS_Z
+        else:
+            bytes_z = 0.0
         h.bytes_m += alpha * d
         h.bytes_v = (1 - alpha) * (h.bytes_v + alpha * d * d)
-        w.bytes += nbytes
+        task_bytes = w.bytes = w.bytes + nbytes
 
-        # -- distinct resources in the last minute
+        # -- resources: first use by the task, by the agent; first-seen tool and prefix
         resource = ev.resource
-        recent, counts = w.recent, w.recent_counts
-        recent.append((at, resource))
-        counts[resource] = counts.get(resource, 0) + 1
-        horizon = at - WINDOW
-        while recent[0][0] < horizon:
-            _, old = recent.popleft()
-            left = counts[old] - 1
-            if left:
-                counts[old] = left
-            else:
-                del counts[old]
-
-        # -- first seen (by this agent) and scope share (first use of a resource only)
-        action = ev.action
-        known_tool = w.resources.get(resource)
-        if known_tool is not None:
-            tool = known_tool
-            new_tool = new_prefix = 0.0
-            if tool not in h.tools:
-                new_tool = 1.0 if warm else 0.0
-                if len(h.tools) < MAX_SEEN:
-                    h.tools.add(tool)
+        first_uses = w.first_uses
+        tool = w.resources.get(resource)
+        a = TASK_ALPHA if events >= _TASK_ALPHA_N else 1.0 / events
+        b = NEW_ALPHA if n >= _NEW_ALPHA_N else 1.0 / n
+        if tool is not None:
+            new_resource = new_tool = new_prefix = 0.0
+            w.fresh_avg -= a * w.fresh_avg
+            w.new_avg -= a * w.new_avg
+            h.new_m -= b * h.new_m
         else:
-            tool = tool_of(action, resource)
+            first_uses.append(at)
+            w.fresh_avg += a * (1.0 - w.fresh_avg)
+            tool = h.resources.get(resource)
+            if tool is not None:
+                new_resource = new_tool = new_prefix = 0.0
+                w.new_avg -= a * w.new_avg
+                h.new_m -= b * h.new_m
+            else:
+                tool, new_resource, new_tool, new_prefix = self._new_resource(
+                    h, ev.action, resource, warm
+                )
+                w.new_avg += a * (1.0 - w.new_avg)
+                h.new_m += b * (1.0 - h.new_m)
             if len(w.resources) < MAX_TASK_RESOURCES:
                 w.resources[resource] = tool
-            prefix = resource_prefix(resource)
-            new_tool = new_prefix = 0.0
-            if tool not in h.tools:
-                new_tool = 1.0 if warm else 0.0
-                if len(h.tools) < MAX_SEEN:
-                    h.tools.add(tool)
-            if prefix not in h.prefixes:
-                new_prefix = 1.0 if warm else 0.0
-                if len(h.prefixes) < MAX_SEEN:
-                    h.prefixes.add(prefix)
-            left_grants = w.grants_left
-            if left_grants:
-                for i, (grant_action, grant) in enumerate(left_grants):
-                    if (grant_action == action or grant_action == "*") and grant.covers(
-                        action, resource
-                    ):
-                        del left_grants[i]
-                        break
-        scope = task.scope
-        n_grants = len(scope.grants) if scope is not None else 0
-        scope_used = (n_grants - len(w.grants_left)) / n_grants if n_grants else 0.0
+            if w.grants_left:
+                self._use_grant(w, ev.action, resource)
+        horizon = at - WINDOW
+        while first_uses and first_uses[0] < horizon:
+            first_uses.popleft()
 
+        # -- sources: first seen on the task, by the agent
         source = ev.source
         source_key = source.address or source.user_agent or source.jkt or ""
         new_source = 0.0
-        if source_key not in h.sources:
-            new_source = 1.0 if warm else 0.0
-            if len(h.sources) < MAX_SEEN:
-                h.sources.add(source_key)
-        if source_key not in w.sources and len(w.sources) < MAX_TASK_SOURCES:
-            w.sources.add(source_key)
+        if source_key not in w.sources:
+            if len(w.sources) < MAX_TASK_SOURCES:
+                w.sources.add(source_key)
+            if source_key not in h.sources:
+                if warm:
+                    new_source = 1.0
+                    w.novel_source = True
+                if len(h.sources) < MAX_SEEN:
+                    h.sources.add(source_key)
 
         # -- denied share, lifetime
-        if ev.decision is not Decision.ALLOW:
+        if ev.decision is not _ALLOW:
             w.denied += 1
-        opened = task.opened_at
-        if opened is None:
-            opened = task.opened_at = at
-        since = at - opened
-        deadline = task.deadline
-        if deadline is not None and deadline > opened:
-            life_left = (deadline - at) / (deadline - opened)
+        since = at - w.opened
+        inv_life = w.inv_life
+        if inv_life:
+            life_left = 1.0 - since * inv_life
             life_left = 1.0 if life_left > 1.0 else (-1.0 if life_left < -1.0 else life_left)
         else:
             life_left = 1.0
@@ -457,25 +499,71 @@ class FeatureExtractor:
             surprise = row[0].get(tool, row[1])
         w.prev_tool = tool
         seq_avg = w.seq_avg = (
-            surprise if w.events == 1 else w.seq_avg + SEQ_ALPHA * (surprise - w.seq_avg)
+            surprise if events == 1 else w.seq_avg + SEQ_ALPHA * (surprise - w.seq_avg)
         )
-
+        n_first = len(first_uses)
         return (
             gap_z,
             rate_z,
             bytes_log,
             bytes_z,
-            _log1p(w.bytes),
-            _log1p(len(counts)),
+            _LOG1P[task_bytes] if task_bytes < _TABLE else _log1p(task_bytes),
+            _log1p(w.excess),
+            _LOG1P[n_first] if n_first < _TABLE else _log1p(n_first),
+            w.fresh_avg,
+            new_resource,
+            w.new_avg - h.new_m,
             new_tool,
             new_prefix,
             new_source,
-            scope_used,
-            w.denied / w.events,
-            _log1p(since if since > 0 else 0.0),
+            w.scope_used,
+            w.denied / events,
+            _log1p(since) if since > 0.0 else 0.0,
             life_left,
             surprise,
             seq_avg,
-            _log1p(w.events),
+            _LOG1P[events] if events < _TABLE else _log1p(events),
             float(len(w.sources)),
         )
+
+    def _open_window(self, task: TaskState, at: float) -> TaskWindow:
+        scope = task.scope
+        w = TaskWindow(_grants(scope.spec) if scope is not None else ())
+        opened = task.opened_at
+        if opened is None:
+            opened = task.opened_at = at
+        w.opened = opened
+        deadline = task.deadline
+        if deadline is not None and deadline > opened:
+            w.inv_life = 1.0 / (deadline - opened)
+        return w
+
+    @staticmethod
+    def _new_resource(
+        h: AgentHistory, action: str, resource: str, warm: bool
+    ) -> tuple[str, float, float, float]:
+        """A resource this agent never used: its tool, and the first-seen flags."""
+        tool = tool_of(action, resource)
+        if len(h.resources) < MAX_SEEN:
+            h.resources[resource] = tool
+        new_tool = new_prefix = 0.0
+        if tool not in h.tools:
+            new_tool = 1.0 if warm else 0.0
+            if len(h.tools) < MAX_SEEN:
+                h.tools.add(tool)
+        prefix = resource_prefix(resource)
+        if prefix not in h.prefixes:
+            new_prefix = 1.0 if warm else 0.0
+            if len(h.prefixes) < MAX_SEEN:
+                h.prefixes.add(prefix)
+        return tool, (1.0 if warm else 0.0), new_tool, new_prefix
+
+    @staticmethod
+    def _use_grant(w: TaskWindow, action: str, resource: str) -> None:
+        """Scope share: the first grant covering a resource's first use is exercised."""
+        left = w.grants_left
+        for i, (grant_action, grant) in enumerate(left):
+            if (grant_action == action or grant_action == "*") and grant.covers(action, resource):
+                del left[i]
+                w.scope_used = (w.n_grants - len(left)) / w.n_grants
+                return

@@ -16,11 +16,13 @@ What lives here::
 Scores. ``raw`` is the estimator's anomaly score (higher = stranger): ``-score_samples`` for
 the IsolationForest, ``-log(score_samples)`` for the one-class SVM (whose kernel sum
 otherwise flattens out far from the data).
-``score`` is calibrated per agent type against the maxima of benign *validation tasks*:
-``score = q`` means the event is stranger than the strangest event of a share ``q`` of
-benign tasks (so an alert level of 0.999 is about one false alert per 1,000 benign
-tasks); above 1 it is beyond every benign task seen, in units of the benign spread
-(max - median).
+Targets are per task, so the model scores tasks: a CUSUM ``s = max(0, s + raw -
+reference)`` over each task's events (``reference``: the 99th percentile of benign
+validation events' raw scores), so one very strange call or many mildly strange ones
+raise it. ``score`` calibrates ``s`` per agent type against its maxima over benign
+*validation tasks*: the empirical quantile up to the 95th percentile, then an exponential
+tail fitted on the top 5 % (``score = 1 - P(benign task > s)``), reaching 1 at a tail
+probability of 1e-4 and growing by 1 per further factor of 10 (see :func:`fit_tail`).
 
 Policy. ``score >= alert level`` raises a ``model.anomaly`` alert (once per task).
 ``score >= revoke level`` revokes (``model.anomaly_confirmed``) only when an independent,
@@ -52,7 +54,6 @@ from numpy.typing import NDArray
 
 from detectors.features import (
     ANY_TYPE,
-    FEATURE_INDEX,
     FEATURE_VERSION,
     FEATURES,
     AgentTyper,
@@ -79,10 +80,15 @@ __all__ = [
 ]
 
 ARTIFACT_FORMAT: Final = "killswitch.detector-model"
-ARTIFACT_FORMAT_VERSION: Final = 1
+ARTIFACT_FORMAT_VERSION: Final = 2
 #: skops refuses to load any type not listed; these are the only non-default ones our
 #: estimators contain (IsolationForest's trees).
 TRUSTED_TYPES: Final = frozenset({"sklearn.tree._tree.Tree"})
+
+#: Default alert level: a task score rarer than ~1 in 10,000 benign tasks by the fitted
+#: tail (measured on fresh traffic: ~0.4 false alerts per 1,000 benign tasks; the tail
+#: fitted on validation tasks is a few times optimistic that deep).
+ALERT_LEVEL: Final = 0.9999
 
 #: Floor of the one-class SVM's score before its log (far-away rows all land here).
 OCSVM_FLOOR: Final = 1e-12
@@ -244,6 +250,11 @@ class TypeModel:
     n_train: int = 0
     n_val_tasks: int = 0
     comparison: dict[str, Any] = field(default_factory=dict)
+    reference: float | None = None
+    """Per-event reference of the task statistic (a CUSUM: ``s = max(0, s + raw -
+    reference)``); ``None``: every event is scored on its own."""
+    tail: tuple[float, float, float] | None = None
+    """Exponential tail ``(u, beta, p_u)`` of the benign task statistic above ``u``."""
     _compiled: _Compiled | None = field(default=None, repr=False)
 
     @property
@@ -255,8 +266,19 @@ class TypeModel:
     def anomaly(self, x: Array) -> Array:
         return self.compiled.anomaly(x)
 
+    def accumulate(self, raw: Array) -> Array:
+        """Per-event increments of the task score: ``raw - reference`` (or ``raw`` as is
+        for a model without a reference, which scores single events)."""
+        if self.reference is None:
+            return raw
+        out: Array = raw - self.reference
+        return out
+
     def calibrate(self, raw: Array) -> Array:
+        """Task statistic (or raw score) -> calibrated score, against benign tasks."""
         values, levels = self.values, self.levels
+        if self.tail is not None:
+            return _tail_score(raw, values, levels, self.tail)
         top, median = float(values[-1]), float(np.interp(0.5, levels, values))
         spread = max(top - median, 1e-9)
         score: Array = np.interp(raw, values, levels)
@@ -284,6 +306,55 @@ def calibration(task_maxima: Array, points: int = 2001) -> tuple[Array, Array]:
     return levels, np.maximum.accumulate(values)
 
 
+#: Share of the benign task maxima (at least TAIL_MIN of them) the exponential tail is
+#: fitted on.
+TAIL_SHARE: Final = 0.05
+TAIL_MIN: Final = 20
+#: Tail probability at which calibrated scores reach 1; each unit above 1 is a further
+#: factor of 10 rarer (so the revoke level 1.5 is ~ 1 in 30,000 benign tasks).
+SCORE_ONE: Final = 1e-4
+
+
+def fit_tail(task_maxima: Array, share: float = TAIL_SHARE) -> tuple[float, float, float] | None:
+    """An exponential tail ``P(X > x) = p_u exp(-(x - u) / beta)`` for ``x > u``, fitted
+    (maximum likelihood) on the largest ``share`` of ``task_maxima``; ``None`` when there
+    are too few distinct values above ``u`` to fit one.
+
+    The maximum of a CUSUM with negative drift has an exponential tail, and an extreme
+    quantile read from a fitted tail is far less noisy than the largest few of a thousand
+    benign tasks."""
+    x = np.sort(np.asarray(task_maxima, dtype=np.float64))
+    n = len(x)
+    k = max(TAIL_MIN, int(np.ceil(share * n)))
+    if n < 2 * k:
+        return None
+    u = float(x[n - k - 1])
+    above = x[x > u]
+    if len(above) < TAIL_MIN // 2:
+        return None
+    beta = float(np.mean(above - u))
+    if not beta > 1e-9 * (1.0 + abs(u)):
+        return None
+    return u, beta, len(above) / n
+
+
+def _tail_score(
+    stat: Array, values: Array, levels: Array, tail: tuple[float, float, float]
+) -> Array:
+    u, beta, p_u = tail
+    score: Array = np.interp(stat, values, levels)
+    above = stat > u
+    if above.any():
+        excess = stat[above] - u
+        survival = p_u * np.exp(-excess / beta)
+        # Where the tail is rarer than SCORE_ONE: 1 + decades beyond it (never saturates).
+        one = beta * np.log(p_u / SCORE_ONE)
+        score[above] = np.where(
+            excess < one, 1.0 - survival, 1.0 + (excess - one) / (beta * np.log(10.0))
+        )
+    return score
+
+
 # --------------------------------------------------------------------------- artifact
 
 
@@ -291,7 +362,7 @@ def calibration(task_maxima: Array, points: int = 2001) -> tuple[Array, Array]:
 class Artifact:
     models: dict[str, TypeModel]
     sequences: SequenceModel
-    alert_level: float = 0.999
+    alert_level: float = ALERT_LEVEL
     revoke_level: float = 1.5
     agent_type_pattern: str = ""
     training: dict[str, Any] = field(default_factory=dict)
@@ -322,7 +393,12 @@ class Artifact:
                     "file": f"models/{i}.skops",
                     "n_train": m.n_train,
                     "n_val_tasks": m.n_val_tasks,
-                    "calibration": {"levels": m.levels.tolist(), "values": m.values.tolist()},
+                    "calibration": {
+                        "levels": m.levels.tolist(),
+                        "values": m.values.tolist(),
+                        "reference": m.reference,
+                        "tail": None if m.tail is None else list(m.tail),
+                    },
                     "feature_mean": m.mean.tolist(),
                     "feature_std": m.std.tolist(),
                     "comparison": m.comparison,
@@ -415,6 +491,8 @@ def load_artifact(path: str | Path) -> Artifact:
                         f"features, not {len(FEATURES)}"
                     )
                 cal = entry["calibration"]
+                tail = cal.get("tail")
+                reference = cal.get("reference")
                 models[name] = TypeModel(
                     agent_type=name,
                     kind=entry["kind"],
@@ -426,6 +504,8 @@ def load_artifact(path: str | Path) -> Artifact:
                     n_train=int(entry.get("n_train", 0)),
                     n_val_tasks=int(entry.get("n_val_tasks", 0)),
                     comparison=dict(entry.get("comparison", {})),
+                    reference=None if reference is None else float(reference),
+                    tail=None if tail is None else (float(tail[0]), float(tail[1]), float(tail[2])),
                 )
     except FileNotFoundError:
         raise ArtifactError(f"model artifact {where} does not exist") from None
@@ -440,7 +520,7 @@ def load_artifact(path: str | Path) -> Artifact:
         sequences=SequenceModel(
             sequences.get("counts", {}), smoothing=float(sequences.get("smoothing", 0.5))
         ),
-        alert_level=float(thresholds.get("alert", 0.999)),
+        alert_level=float(thresholds.get("alert", ALERT_LEVEL)),
         revoke_level=float(thresholds.get("revoke", 1.5)),
         agent_type_pattern=str(manifest.get("agent_type_pattern", "")),
         training=dict(manifest.get("training", {})),
@@ -454,13 +534,13 @@ def load_artifact(path: str | Path) -> Artifact:
 
 # --------------------------------------------------------------------------- the stage
 
-_NEW_SOURCE: Final = FEATURE_INDEX["new_source"]
 _N_FEATURES: Final = len(FEATURES)
 
 
 @dataclass(frozen=True, slots=True)
 class Scored:
-    """One scored event (what the offline evaluation reads)."""
+    """One scored event (what the offline evaluation reads): its raw score and the task
+    score (calibrated task statistic) right after it."""
 
     event: UsageEvent
     agent_type: str
@@ -468,21 +548,12 @@ class Scored:
     score: float
 
 
-class _Verdict:
-    """Per-task model state kept on the task window (the flags the policy reads)."""
-
-    __slots__ = ("max_score", "novel_source")
-
-    def __init__(self) -> None:
-        self.max_score = 0.0
-        self.novel_source = False
-
-
 class ModelStage:
     """Feature rows per event, scored in micro-batches, judged by the policy.
 
     ``add`` is the per-event (hot path) step: features into a flat float buffer.
-    ``flush`` scores everything pending in one estimator call per agent type and returns
+    ``flush`` scores everything pending in one estimator call per agent type, folds the
+    raw scores into each task's running statistic (a CUSUM, in event order) and returns
     the findings. The consumer flushes every ``batch_events`` rows and at the end of each
     Kafka batch (before committing, so model decisions are as durable as rule ones).
     """
@@ -503,8 +574,9 @@ class ModelStage:
         self.revoke_level = artifact.revoke_level if revoke_level is None else revoke_level
         pattern = agent_type_pattern or artifact.agent_type_pattern
         self.extractor = FeatureExtractor(artifact.sequences, AgentTyper(pattern))
+        self._update = self.extractor.update
         self._rows = array.array("d")
-        self._refs: list[tuple[UsageEvent, TaskState, str]] = []
+        self._refs: list[tuple[UsageEvent, TaskState, TaskWindow, str]] = []
         self.keep_scores = keep_scores
         self.scored: list[Scored] = []
         self.batches = 0
@@ -516,30 +588,26 @@ class ModelStage:
 
     def add(self, event: UsageEvent, task: TaskState, agent: AgentState) -> bool:
         """Features for one event; True when a micro-batch is full (call :meth:`flush`)."""
-        row = self.extractor.update(event, task, agent)
-        agent_type = self.extractor.agent_type(agent)
-        self._rows.extend(row)
-        if row[_NEW_SOURCE]:
-            window = task.features
-            if isinstance(window, TaskWindow):
-                _verdict(window).novel_source = True
-        self._refs.append((event, task, agent_type))
-        return len(self._refs) >= self.batch_events
+        self._rows.extend(self._update(event, task, agent))
+        refs = self._refs
+        refs.append((event, task, task.features, self.extractor.last_type))  # type: ignore[arg-type]
+        return len(refs) >= self.batch_events
 
     def flush(self) -> list[tuple[Finding, TaskState]]:
         refs = self._refs
         if not refs:
             return []
-        x = np.frombuffer(self._rows, dtype=np.float64).reshape(len(refs), _N_FEATURES).copy()
+        n = len(refs)
+        x = np.frombuffer(self._rows, dtype=np.float64).reshape(n, _N_FEATURES).copy()
         self._rows = array.array("d")
         self._refs = []
         self.batches += 1
-        self.rows_scored += len(refs)
-        raw = np.zeros(len(refs))
-        score = np.zeros(len(refs))
+        self.rows_scored += n
+        raw = np.zeros(n)
+        step = np.full(n, -np.inf)
         groups: dict[str, list[int]] = {}
-        for i, (_, _, agent_type) in enumerate(refs):
-            groups.setdefault(agent_type, []).append(i)
+        for i, ref in enumerate(refs):
+            groups.setdefault(ref[3], []).append(i)
         models: dict[str, TypeModel | None] = {}
         for agent_type, idx in groups.items():
             model = models[agent_type] = self.artifact.model_for(agent_type)
@@ -548,25 +616,52 @@ class ModelStage:
             rows = np.asarray(idx)
             r = model.anomaly(x[rows])
             raw[rows] = r
-            score[rows] = model.calibrate(r)
+            step[rows] = model.accumulate(r)
+        # The task statistic, in event order: s = max(0, s + step) (a model without a
+        # reference scores each event alone: s = step).
+        stat = np.empty(n)
+        steps = step.tolist()
+        for i in range(n):
+            window = refs[i][2]
+            s = window.cusum + steps[i]
+            if s < 0.0:
+                s = 0.0
+            window.cusum = s
+            stat[i] = s
+        score = np.zeros(n)
+        for agent_type, idx in groups.items():
+            model = models[agent_type]
+            if model is None:
+                continue
+            rows = np.asarray(idx)
+            if model.reference is None:
+                score[rows] = model.calibrate(raw[rows])
+            else:
+                score[rows] = model.calibrate(stat[rows])
         if self.keep_scores:
             self.scored.extend(
-                Scored(ev, t, float(raw[i]), float(score[i])) for i, (ev, _, t) in enumerate(refs)
+                Scored(ref[0], ref[3], float(raw[i]), float(score[i])) for i, ref in enumerate(refs)
             )
         found: list[tuple[Finding, TaskState]] = []
         alert_level, revoke_level = self.alert_level, self.revoke_level
+        # Rules ran (and sources were seen) at ``add``: a task's signals are fixed here.
+        known: dict[int, list[str]] = {}
+        revoke_id, alert_id = MODEL_REVOKE.id, MODEL_ALERT.id
         for i in np.flatnonzero(score >= alert_level).tolist():
-            event, task, agent_type = refs[i]
+            event, task, window, agent_type = refs[i]
             s = float(score[i])
-            window = task.features
-            verdict = _verdict(window) if isinstance(window, TaskWindow) else _Verdict()
-            verdict.max_score = max(verdict.max_score, s)
+            if s > window.max_score:
+                window.max_score = s
             fired = task.fired
-            if MODEL_REVOKE.id in fired:
+            if revoke_id in fired or (s < revoke_level and alert_id in fired):
                 continue
             model = models[agent_type]
             assert model is not None
-            signals = self.signals(task, window, verdict) if s >= revoke_level else []
+            signals: list[str] = []
+            if s >= revoke_level:
+                signals = known.get(id(task), [])
+                if id(task) not in known:
+                    signals = known[id(task)] = self.signals(task, window)
             if signals:
                 rule = MODEL_REVOKE
             elif MODEL_ALERT.id in fired:
@@ -583,16 +678,15 @@ class ModelStage:
         return found
 
     @staticmethod
-    def signals(task: TaskState, window: object, verdict: _Verdict) -> list[str]:
+    def signals(task: TaskState, window: TaskWindow) -> list[str]:
         """Independent deterministic signals on the task (any one allows a revocation)."""
         found = [f"rule:{rule}" for rule in sorted(task.fired - MODEL_RULE_IDS)]
-        if verdict.novel_source:
+        if window.novel_source:
             found.append("first_seen_source")
-        if isinstance(window, TaskWindow):
-            if len(window.sources) >= 2:
-                found.append("two_sources")
-            if window.denied >= 3 and window.denied * 4 >= window.events:
-                found.append("denied_rate")
+        if len(window.sources) >= 2:
+            found.append("two_sources")
+        if window.denied >= 3 and window.denied * 4 >= window.events:
+            found.append("denied_rate")
         return found
 
     def _finding(
@@ -633,13 +727,6 @@ class ModelStage:
                 "rule": rule.id,
             },
         )
-
-
-def _verdict(window: TaskWindow) -> _Verdict:
-    found = window.verdict
-    if not isinstance(found, _Verdict):
-        found = window.verdict = _Verdict()
-    return found
 
 
 def describe_artifact(artifact: Artifact) -> str:

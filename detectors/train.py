@@ -44,6 +44,7 @@ import numpy as np
 
 from detectors.features import ANY_TYPE, FEATURES, AgentTyper, FeatureExtractor, SequenceModel
 from detectors.models import (
+    ALERT_LEVEL,
     MODEL_RULE_IDS,
     Artifact,
     ArtifactError,
@@ -54,6 +55,7 @@ from detectors.models import (
     describe_artifact,
     fit_isolation_forest,
     fit_ocsvm,
+    fit_tail,
     load_artifact,
 )
 from detectors.rules import Finding, Thresholds
@@ -63,6 +65,10 @@ from detectors.traffic import MODEL_SCENARIOS, Label, Traffic, read_events
 from service.events import TaskEvent, TaskEventKind, UsageEvent, decoder
 
 __all__ = ["EvalReport", "evaluate", "main", "replay_features", "train"]
+
+#: Per-event reference of the task statistic: this quantile of the raw scores of benign
+#: validation events (only events stranger than it add to a task's running score).
+REFERENCE_QUANTILE = 0.99
 
 Progress = Callable[[str, int], Callable[[int], None]]
 """progress(description, total) -> advance(n)."""
@@ -153,12 +159,29 @@ def _task_max(
     return best
 
 
+def _cusum(
+    task_ids: list[str], idx: np.ndarray[Any, Any], steps: np.ndarray[Any, Any]
+) -> np.ndarray[Any, Any]:
+    """The task statistic after each row (rows in event order): ``s = max(0, s + step)``
+    per task, exactly as :meth:`ModelStage.flush` computes it live."""
+    running: dict[str, float] = {}
+    out = np.empty(len(idx))
+    for k, (i, step) in enumerate(zip(idx.tolist(), steps.tolist(), strict=True)):
+        t = task_ids[i]
+        s = running.get(t, 0.0) + step
+        if s < 0.0:
+            s = 0.0
+        running[t] = out[k] = s
+    return out
+
+
 def train(
     traffic: Traffic,
     *,
     val_share: float = 0.5,
+    reference_quantile: float = REFERENCE_QUANTILE,
     seed: int = 0,
-    alert_level: float = 0.999,
+    alert_level: float = ALERT_LEVEL,
     revoke_level: float = 1.5,
     agent_type_pattern: str = "",
     kinds: tuple[Kind, ...] = ("isolation_forest", "nystroem_ocsvm"),
@@ -190,6 +213,8 @@ def train(
     is_val = np.fromiter((t in val_tasks for t in rows.task_ids), bool, len(rows.task_ids))
     is_attacked_task = np.fromiter((t in attacked for t in rows.task_ids), bool, len(is_val))
     attack_row = _attack_rows(rows, labels, is_val & is_attacked_task)
+    if not 0.0 < reference_quantile < 1.0:
+        raise ValueError("reference_quantile must be within (0, 1)")
     types = np.asarray(rows.agent_types)
     models: dict[str, TypeModel] = {}
     names = [*sorted(set(rows.agent_types)), ANY_TYPE]
@@ -215,15 +240,20 @@ def train(
                 else fit_ocsvm(x_train, seed=seed)
             )
             model = TypeModel(name, kind, est, np.zeros(1), np.zeros(1), mean, std)
-            idx = np.flatnonzero(benign_val | attack_val)
+            # Every validation row of the type, attacked tasks' benign prefixes included:
+            # the task statistic runs over whole tasks, as it does live.
+            idx = np.flatnonzero(of_type & is_val)
             raw = model.anomaly(rows.x[idx])
-            benign_idx = np.flatnonzero(benign_val[idx])
-            maxima = _task_max(rows.task_ids, idx[benign_idx], raw[benign_idx])
-            model.levels, model.values = calibration(np.asarray(list(maxima.values())))
+            benign = ~is_attacked_task[idx]
+            model.reference = float(np.quantile(raw[benign], reference_quantile))
+            stat = _cusum(rows.task_ids, idx, model.accumulate(raw))
+            maxima = np.asarray(list(_task_max(rows.task_ids, idx[benign], stat[benign]).values()))
+            model.levels, model.values = calibration(maxima)
+            model.tail = fit_tail(maxima)
             model.n_train = int(train_mask.sum())
             model.n_val_tasks = len(maxima)
-            attack_idx = np.flatnonzero(attack_val[idx])
-            attack_max = _task_max(rows.task_ids, idx[attack_idx], raw[attack_idx])
+            attack = attack_val[idx]
+            attack_max = _task_max(rows.task_ids, idx[attack], stat[attack])
             in_scope = {t: v for t, v in attack_max.items() if t in model_scenario_tasks}
             scores = (
                 model.calibrate(np.asarray(list(in_scope.values()))) if in_scope else np.zeros(0)
@@ -267,6 +297,7 @@ def train(
             "tasks": len(traffic.tasks),
             "labelled_attack_tasks": len(attacked),
             "val_share": val_share,
+            "reference_quantile": reference_quantile,
             "seed": seed,
         },
     )
@@ -548,7 +579,13 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="artifact path to write")
     p.add_argument("--val-share", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--alert-level", type=float, default=0.999)
+    p.add_argument(
+        "--reference-quantile",
+        type=float,
+        default=REFERENCE_QUANTILE,
+        help="benign per-event quantile a call must exceed to add to its task's score",
+    )
+    p.add_argument("--alert-level", type=float, default=ALERT_LEVEL)
     p.add_argument("--revoke-level", type=float, default=1.5)
     p.add_argument("--agent-type-pattern", default="", help="regex with a 'type' group")
     p.add_argument("--evaluate", type=Path, help="then evaluate on this (labelled) events file")
@@ -588,6 +625,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m detectors") ->
             artifact = train(
                 traffic,
                 val_share=args.val_share,
+                reference_quantile=args.reference_quantile,
                 seed=args.seed,
                 alert_level=args.alert_level,
                 revoke_level=args.revoke_level,

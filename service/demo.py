@@ -51,9 +51,10 @@ class AgentRun:
 
 def _gateway() -> Any:
     from litestar import Litestar, get
+    from litestar.params import FromPath
 
     @get("/tools/{name:str}", sync_to_thread=False)
-    def call_tool(name: str) -> dict[str, str]:
+    def call_tool(name: FromPath[str]) -> dict[str, str]:
         return {"tool": name, "result": "ok"}
 
     return Litestar([call_tool], openapi_config=None)

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -84,17 +83,6 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], name: str, log: Path)
     raise StackError(f"{name} not ready at {url} within {READY_TIMEOUT:.0f}s ({last}); see {log}")
 
 
-def _stop(process: subprocess.Popen[bytes], timeout: float = 15) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 @dataclass
 class Stack:
     url: str
@@ -131,7 +119,7 @@ def up(
 ) -> Iterator[Stack]:
     """Run the stack for the duration of the ``with`` block."""
     from service import kafka as kafka_adapter
-    from service.brokers import start_tansu
+    from service.brokers import start_tansu, stop_process
 
     def say(text: str) -> None:
         if progress:
@@ -226,6 +214,6 @@ def up(
         )
     finally:
         for child in reversed(children):
-            _stop(child)
+            stop_process(child, timeout=15)
         if broker is not None:
             broker.stop()

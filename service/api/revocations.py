@@ -6,7 +6,7 @@ from typing import Annotated
 
 from litestar import Controller, Response, get, post
 from litestar.di import Provide
-from litestar.params import JSONBody, Parameter
+from litestar.params import HeaderParameter, JSONBody, Parameter
 from litestar.response import ServerSentEvent
 
 from service.api.deps import OPERATOR, PrincipalDep, ServicesDep, problems, provide_principal
@@ -78,7 +78,7 @@ class RevocationController(Controller):
         services: ServicesDep,
         last_event_id: Annotated[
             int | None,
-            Parameter(header="Last-Event-ID", ge=0, le=2**63 - 1, required=False),
+            HeaderParameter(name="Last-Event-ID", ge=0, le=2**63 - 1, required=False),
         ] = None,
     ) -> ServerSentEvent:
         require_operator(principal, STREAM)

@@ -17,6 +17,7 @@ from ._process import (
     RunningBroker,
     free_port,
     free_ports,
+    stop_process,
 )
 from .apache import (
     DEFAULT_KAFKA_VERSION,
@@ -49,5 +50,6 @@ __all__ = [
     "kafka_libs_dir",
     "start_apache_kafka",
     "start_tansu",
+    "stop_process",
     "tansu_binary",
 ]

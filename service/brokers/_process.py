@@ -1,4 +1,5 @@
-"""Process plumbing shared by the broker launchers.
+"""Process plumbing shared by the broker launchers, ``killswitch up`` (service/stack.py)
+and the test harness (free ports, :func:`stop_process`).
 
 A :class:`BrokerProcess` owns one child process, the log file its stdout/stderr go to and
 (optionally) a scratch directory. It never leaks the child:
@@ -38,6 +39,7 @@ __all__ = [
     "free_port",
     "free_ports",
     "keep_artifacts",
+    "stop_process",
 ]
 
 T = TypeVar("T")
@@ -109,6 +111,20 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
             return True
     except OSError:
         return False
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM, wait ``timeout`` s, then SIGKILL. Does nothing if it already exited."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(5)
 
 
 def run_sync(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -265,15 +281,7 @@ class BrokerProcess:
                 return
             self._stopped = True
         try:
-            if self.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(self.stop_timeout)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        self.proc.kill()
-                    self.proc.wait(5)
+            stop_process(self.proc, self.stop_timeout)
         finally:
             self._log.close()
             with _LIVE_LOCK:

@@ -108,14 +108,6 @@ class SessionStore:
             with self._lock:
                 self._sessions.pop(_digest(sid), None)
 
-    def close_operator(self, token_hash: str) -> int:
-        """End every session opened with this operator token (it was disabled)."""
-        with self._lock:
-            dead = [k for k, s in self._sessions.items() if s.token_hash == token_hash]
-            for key in dead:
-                del self._sessions[key]
-        return len(dead)
-
     def __len__(self) -> int:
         return len(self._sessions)
 

@@ -7,7 +7,9 @@ import math
 import pytest
 
 from detectors.features import (
+    EXCESS_Z,
     FEATURE_INDEX,
+    FEATURE_VERSION,
     FEATURES,
     WARMUP,
     AgentTyper,
@@ -71,7 +73,8 @@ class Run:
 
 
 def test_feature_list_is_fixed() -> None:
-    assert len(FEATURES) == len(set(FEATURES)) == 17
+    assert FEATURE_VERSION == 2
+    assert len(FEATURES) == len(set(FEATURES)) == 21
     assert FEATURES[0] == "gap_z"
     assert F["seq_surprise"] == FEATURES.index("seq_surprise")
 
@@ -123,6 +126,11 @@ def test_first_event_of_a_task() -> None:
     assert f["seq_surprise"] == f["seq_surprise_avg"] == 0.0  # no sequence model
     assert f["task_events_log"] == pytest.approx(math.log1p(1))
     assert f["task_sources"] == 1.0
+    assert f["bytes_excess"] == 0.0
+    assert f["fresh_share"] == 1.0  # the task's first call reaches a resource first
+    assert f["new_resource"] == 0.0  # warm-up
+    # Cold agent: every resource is new to it, and so is its own norm (share - norm = 0).
+    assert f["new_resource_share"] == pytest.approx(0.0)
 
 
 def test_task_window_counts() -> None:
@@ -208,3 +216,44 @@ def test_state_is_dropped_with_the_partition() -> None:
     run.store.drop_partitions({0})
     assert task.features is None
     assert run.store.agents.get(0) is None
+
+
+def test_resource_shares_against_the_agents_norm() -> None:
+    run = Run()
+    run.open("t1")
+    # Warm the agent on 4 resources it keeps reusing.
+    for i in range(WARMUP + 170):
+        f = run.feed(use("t1", 1000.0 + i, f"tool/a/{i % 4}"))
+    assert f["new_resource"] == 0.0
+    assert f["fresh_share"] < 0.01  # only repeats lately
+    norm_share = f["new_resource_share"]
+    assert -0.05 < norm_share <= 0.0  # the agent's norm: almost never a new resource
+    run.open("t2")
+    # A sweep over resources nobody used: first use by the task and by the agent.
+    shares = []
+    for k in range(10):
+        f = run.feed(use("t2", 1300.0 + k, f"tool/a/sweep-{k}"))
+        assert f["new_resource"] == 1.0
+        assert f["new_tool"] == f["new_prefix"] == 0.0  # known tool and parent
+        shares.append(f["new_resource_share"])
+    assert f["fresh_share"] == pytest.approx(1.0)
+    # Nearly all of the task's calls are new to the agent, far above its norm (which the
+    # sweep itself barely moves).
+    assert min(shares) > 0.9 > norm_share + 0.9
+    assert f["distinct_1m"] == pytest.approx(math.log1p(10))
+
+
+def test_bytes_excess_accumulates_over_the_task() -> None:
+    run = Run()
+    run.open("t1")
+    for i in range(WARMUP + 20):
+        f = run.feed(use("t1", 1000.0 + i, bytes_out=1000 + 50 * (i % 5)))
+    assert f["bytes_excess"] == 0.0  # steady bytes: nothing beyond EXCESS_Z
+    run.open("t2")
+    f1 = run.feed(use("t2", 1100.0, bytes_out=10**6))
+    assert f1["bytes_out_z"] > EXCESS_Z
+    assert f1["bytes_excess"] == pytest.approx(math.log1p(f1["bytes_out_z"] - EXCESS_Z))
+    f2 = run.feed(use("t2", 1101.0, bytes_out=10**6))
+    assert f2["bytes_excess"] > f1["bytes_excess"]  # the task's running sum
+    f3 = run.feed(use("t2", 1102.0, bytes_out=1000))
+    assert f3["bytes_excess"] == f2["bytes_excess"]  # a usual call adds nothing

@@ -199,7 +199,9 @@ async def test_model_alerts_revokes_and_leaves_benign_alone(
     assert alert.score >= alert.evidence["alert_level"]
     assert alert.evidence["score"] == alert.score
     names = [f["name"] for f in alert.evidence["features"]]
-    assert {"bytes_out_log", "bytes_out_z", "task_bytes_log"} & set(names[:2]), names
+    assert {"bytes_out_log", "bytes_out_z", "task_bytes_log", "bytes_excess"} & set(names[:2]), (
+        names
+    )
     assert alert.evidence["model"]["id"] == model_detector.model.artifact.model_id  # type: ignore[union-attr]
     assert alert.evidence["agent_type"] == AGENT_TYPE
     assert await rig.revocations_of(exfil.task_id) == []

@@ -21,6 +21,7 @@ from detectors.models import (
     calibration,
     fit_isolation_forest,
     fit_ocsvm,
+    fit_tail,
     load_artifact,
 )
 from detectors.rules import Thresholds
@@ -64,6 +65,7 @@ def test_training_records_choice_and_calibration(artifact: Artifact) -> None:
         assert set(model.comparison) >= {"isolation_forest", "nystroem_ocsvm", "chosen_by"}
         assert model.n_val_tasks > 50
         assert np.all(np.diff(model.values) >= 0)
+        assert model.reference is not None
     assert artifact.sequences.counts["coder"]["^"]
 
 
@@ -76,6 +78,49 @@ def test_calibration_maps_benign_maxima_to_quantiles() -> None:
     assert score[1] == pytest.approx(0.5, abs=1e-3)
     assert score[2] == pytest.approx(1.0)
     assert score[3] == pytest.approx(2.0)  # one benign spread (max - median) beyond the max
+
+
+def test_tail_calibration_extrapolates_beyond_the_largest_benign_task() -> None:
+    rng = np.random.default_rng(0)
+    maxima = rng.exponential(2.0, size=4000)
+    tail = fit_tail(maxima)
+    assert tail is not None
+    u, beta, p_u = tail
+    assert beta == pytest.approx(2.0, rel=0.2)  # the exponential's scale, from its tail
+    assert p_u == pytest.approx(0.05, abs=0.01)
+    levels, values = calibration(maxima)
+    model = TypeModel(
+        "t", "isolation_forest", None, levels, values, np.zeros(1), np.ones(1), tail=tail
+    )
+    # Inside the body: the empirical quantile. In the tail: 1 - P(benign task > x).
+    assert model.calibrate(np.asarray([float(np.median(maxima))]))[0] == pytest.approx(
+        0.5, abs=0.01
+    )
+    q999 = 2.0 * np.log(1000.0)
+    assert model.calibrate(np.asarray([q999]))[0] == pytest.approx(0.999, abs=5e-4)
+    # 1 at a tail probability of 1e-4, then one unit per further factor of 10.
+    x1 = u + beta * np.log(p_u / 1e-4)
+    score = model.calibrate(np.asarray([x1 - 1e-6, x1 + 1e-6, x1 + beta * np.log(10.0)]))
+    assert score[0] == pytest.approx(0.9999, abs=1e-6)
+    assert score[1] == pytest.approx(1.0, abs=1e-6)
+    assert score[2] == pytest.approx(2.0, abs=1e-6)
+    assert np.all(np.diff(model.calibrate(np.linspace(0, 60, 500))) >= 0)  # monotone
+    assert fit_tail(np.zeros(1000)) is None  # nothing to fit: empirical quantiles only
+
+
+def test_task_score_accumulates_over_a_task(artifact: Artifact) -> None:
+    """The live stage's task statistic is the CUSUM the training calibrated on."""
+    model = artifact.models["coder"]
+    assert model.reference is not None
+    assert model.tail is not None
+    raw = np.asarray([model.reference + 1.0] * 3 + [model.reference - 10.0])
+    steps = model.accumulate(raw)
+    np.testing.assert_allclose(steps, [1.0, 1.0, 1.0, -10.0])
+    from detectors.train import _cusum
+
+    np.testing.assert_allclose(
+        _cusum(["a", "b", "a", "a"], np.arange(4), steps), [1.0, 1.0, 2.0, 0.0]
+    )
 
 
 @pytest.mark.parametrize("kind", ["isolation_forest", "nystroem_ocsvm"])
@@ -109,6 +154,8 @@ def test_artifact_round_trip(artifact: Artifact, saved: Path) -> None:
         np.testing.assert_allclose(
             again.calibrate(model.anomaly(x)), model.calibrate(model.anomaly(x))
         )
+        assert again.reference == model.reference
+        assert again.tail == model.tail
     assert loaded.sequences.counts == artifact.sequences.counts
     with zipfile.ZipFile(saved) as zf:
         names = zf.namelist()
@@ -238,7 +285,7 @@ def test_in_scope_attacks_are_seen_on_fresh_traffic(artifact: Artifact) -> None:
     """A loose floor (small training set); the measured figures are in docs/detector.md."""
     report = evaluate(artifact, generate(seed=12, tasks=1200, attack_rate=0.08))
     in_scope = [report.recall[s] for s in MODEL_SCENARIOS]
-    assert sum(in_scope) / len(in_scope) >= 0.4, report.table()
+    assert sum(in_scope) / len(in_scope) >= 0.7, report.table()
     assert report.false_revocations == 0, report.table()
     for scenario in ("replay_new_source", "concurrent_two_sources", "use_after_end"):
         assert report.recall[scenario] == 1.0, report.table()

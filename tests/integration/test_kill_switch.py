@@ -20,6 +20,7 @@ import httpx
 import pytest
 import pytest_asyncio
 from litestar import Litestar, get
+from litestar.params import FromPath
 from litestar.testing import AsyncTestClient
 
 from service.brokers import BrokerProcess, start_apache_kafka, start_tansu
@@ -57,7 +58,7 @@ def stack(broker: BrokerProcess, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 @get("/tools/{name:str}", sync_to_thread=False)
-def call_tool(name: str) -> dict[str, str]:
+def call_tool(name: FromPath[str]) -> dict[str, str]:
     return {"tool": name}
 
 

@@ -18,9 +18,9 @@ from typing import Any, Protocol
 import httpx
 import pytest
 
+from service.brokers import free_port
 from service.cli import Api, build_parser, main
 from tests.support.harness import AUD, basic, bearer
-from tests.support.postgres import free_port
 from tests.support.serve import Served, run_cli, serve
 
 

@@ -14,7 +14,6 @@ import itertools
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.postgres import free_port
+from service.brokers import free_port, stop_process
 
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
@@ -79,17 +78,6 @@ def _output(stdout_path: Path, stderr_path: Path) -> str:
     out = stdout_path.read_text(errors="replace") if stdout_path.exists() else ""
     err = stderr_path.read_text(errors="replace") if stderr_path.exists() else ""
     return f"--- stdout ---\n{out}\n--- stderr ---\n{err}"
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=STOP_TIMEOUT)
 
 
 def _wait_ready(
@@ -174,7 +162,7 @@ def serve(
             printed_admin_token=printed_token,
         )
     finally:
-        _stop(process)
+        stop_process(process, STOP_TIMEOUT)
 
 
 def killswitch_executable() -> str:
