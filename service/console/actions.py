@@ -23,6 +23,7 @@ from service.api.deps import ServicesDep
 from service.auth import ACK, ADMIN, REVOKE
 from service.console.pages import operators_view, target_label
 from service.console.web import (
+    ConsoleUser,
     UserDep,
     check_csrf,
     form_of,
@@ -129,6 +130,20 @@ async def _impact(services: ServicesDep, target: RevocationTarget) -> tuple[str,
     raise ClientError("unsupported target")
 
 
+async def _reasoned_form(
+    request: Request[Any, Any, Any], user: ConsoleUser, what: str, *, confirm: bool
+) -> str:
+    """An admin form that must carry a CSRF token, a reason and (maybe) the confirmation."""
+    form = await form_of(request)
+    check_csrf(user, form)
+    user.require(ADMIN, what)
+    reason = form.get("reason", "").strip()
+    if not reason or len(reason) > 1000 or (confirm and form.get("confirm") != "yes"):
+        needs = " and the confirmation" if confirm else ""
+        raise ClientError(f"to {what} give a reason (1-1000 characters){needs}")
+    return reason
+
+
 class ActionsController(Controller):
     path = "/"
     include_in_schema = False
@@ -230,12 +245,7 @@ class ActionsController(Controller):
         user: UserDep,
         services: ServicesDep,
     ) -> Response[Any]:
-        form = await form_of(request)
-        check_csrf(user, form)
-        user.require(ADMIN, "suspend agents")
-        reason = form.get("reason", "").strip()
-        if not reason or len(reason) > 1000 or form.get("confirm") != "yes":
-            raise ClientError("suspending needs a reason (1-1000 characters) and the confirmation")
+        reason = await _reasoned_form(request, user, "suspend agents", confirm=True)
         view = await agents.suspend(services, agent_id, reason=reason, actor=user.actor)
         services.metrics.revocations.labels(target="agent", source="analyst").inc()
         user.session.flash(
@@ -258,12 +268,7 @@ class ActionsController(Controller):
         user: UserDep,
         services: ServicesDep,
     ) -> Response[Any]:
-        form = await form_of(request)
-        check_csrf(user, form)
-        user.require(ADMIN, "reinstate agents")
-        reason = form.get("reason", "").strip()
-        if not reason or len(reason) > 1000:
-            raise ClientError("reinstating needs a reason (1-1000 characters)")
+        reason = await _reasoned_form(request, user, "reinstate agents", confirm=False)
         await agents.reinstate(services, agent_id, reason=reason, actor=user.actor)
         user.session.flash("ok", f"Agent {agent_id} reinstated.")
         return see_other(f"/console/agents/{agent_id}")

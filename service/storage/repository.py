@@ -688,6 +688,17 @@ async def append_audit(
     )
 
 
+def _audit(row: Row) -> AuditEntry:
+    return AuditEntry(
+        seq=row["seq"],
+        at=row["at"],
+        actor=row["actor"],
+        action=row["action"],
+        subject=row["subject"],
+        detail=_jwk_decoder.decode(row["detail"]),
+    )
+
+
 async def list_audit(
     db: Database, *, since: float | None, after_seq: int | None, limit: int
 ) -> list[AuditEntry]:
@@ -697,17 +708,7 @@ async def list_audit(
         after_seq or 0,
         limit,
     )
-    return [
-        AuditEntry(
-            seq=r["seq"],
-            at=r["at"],
-            actor=r["actor"],
-            action=r["action"],
-            subject=r["subject"],
-            detail=_jwk_decoder.decode(r["detail"]),
-        )
-        for r in rows
-    ]
+    return [_audit(r) for r in rows]
 
 
 async def recent_audit(db: Database, *, before_seq: int | None, limit: int) -> list[AuditEntry]:
@@ -717,17 +718,7 @@ async def recent_audit(db: Database, *, before_seq: int | None, limit: int) -> l
         before_seq if before_seq is not None else 2**63 - 1,
         limit,
     )
-    return [
-        AuditEntry(
-            seq=r["seq"],
-            at=r["at"],
-            actor=r["actor"],
-            action=r["action"],
-            subject=r["subject"],
-            detail=_jwk_decoder.decode(r["detail"]),
-        )
-        for r in rows
-    ]
+    return [_audit(r) for r in rows]
 
 
 # --------------------------------------------------------------------------- RFC 7523 replay
