@@ -16,7 +16,6 @@ import os
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -335,29 +334,9 @@ def cmd_alerts_list(args: argparse.Namespace) -> None:
         print(f"(more: --limit, or the API with cursor={page['next_cursor']})", file=sys.stderr)
 
 
-def _sse(lines: Iterator[str]) -> Iterator[tuple[str, str | None, str]]:
-    """(event, id, data) of each message of a text/event-stream."""
-    event, ident = "message", None
-    data: list[str] = []
-    for line in lines:
-        if not line:
-            if data:
-                yield event, ident, "\n".join(data)
-            event, ident, data = "message", None, []
-        elif line.startswith(":"):
-            continue
-        else:
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if name == "event":
-                event = value
-            elif name == "id":
-                ident = value
-            elif name == "data":
-                data.append(value)
-
-
 def cmd_alerts_watch(args: argparse.Namespace) -> None:
+    from service.sdk.sse import messages as sse_messages
+
     api = _api(args)
     if not api.token:
         _die("no operator token: pass --token or set KS_TOKEN", 2)
@@ -385,12 +364,13 @@ def cmd_alerts_watch(args: argparse.Namespace) -> None:
                         _die(f"HTTP {response.status_code}: {response.read().decode()[:300]}")
                     response.raise_for_status()
                     delay = 0.5
-                    for event, ident, data in _sse(response.iter_lines()):
+                    for message in sse_messages(response.iter_lines()):
+                        event = message.event
                         if event not in ("alert", "ack"):
                             continue
-                        alert = json.loads(data)
-                        if event == "alert" and ident is not None:
-                            last = int(ident)
+                        alert = json.loads(message.data)
+                        if event == "alert" and message.id is not None:
+                            last = int(message.id)
                         if wanted and alert["severity"] not in wanted:
                             continue
                         prefix = "" if event == "alert" else "ACK "

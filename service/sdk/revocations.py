@@ -46,6 +46,7 @@ from aiokafka.structs import TopicPartition
 from service import kafka
 from service.config import Settings
 from service.events import RevocationEvent
+from service.sdk.sse import SseParser
 
 __all__ = [
     "KafkaRevocationFeed",
@@ -349,22 +350,11 @@ class SseRevocationFeed(_FeedBase):
                     f"revocation stream answered {response.status_code}: {response.text[:200]}"
                 )
             self.connects += 1
-            event = "message"
-            data: list[str] = []
+            parser = SseParser()
             async for line in response.aiter_lines():
-                if line == "":
-                    if data:
-                        self._dispatch(event, "\n".join(data))
-                    event, data = "message", []
-                elif line.startswith(":"):
-                    continue  # a comment (some proxies keep connections open this way)
-                else:
-                    name, _, value = line.partition(":")
-                    value = value.removeprefix(" ")
-                    if name == "event":
-                        event = value
-                    elif name == "data":
-                        data.append(value)
+                message = parser.feed(line)
+                if message is not None:
+                    self._dispatch(message.event, message.data)
 
     def _dispatch(self, event: str, data: str) -> None:
         if event == "revocation":

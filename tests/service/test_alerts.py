@@ -27,6 +27,7 @@ from service.brokers import FAST_CONSUMER, start_tansu
 from service.config import Settings
 from service.events import AlertEvent, RevocationEvent, Severity, encoder
 from service.kafka import ensure_topics, producer
+from service.sdk.sse import messages as sse_messages
 from tests.support.harness import AUD, KS, bearer
 from tests.support.serve import Served, clean_env, killswitch_executable, serve
 from tests.support.tokens import on_app_loop
@@ -163,19 +164,10 @@ def _ids(items: list[dict[str, Any]]) -> list[str]:
 def _events(lines: Iterator[str], until: str) -> list[tuple[str, str | None, dict[str, Any]]]:
     """SSE messages up to and including the first ``until`` event."""
     out: list[tuple[str, str | None, dict[str, Any]]] = []
-    event, ident, data = "message", None, ""
-    for line in lines:
-        if line.startswith("event:"):
-            event = line.split(":", 1)[1].strip()
-        elif line.startswith("id:"):
-            ident = line.split(":", 1)[1].strip()
-        elif line.startswith("data:"):
-            data += line.split(":", 1)[1].strip()
-        elif line == "" and data:
-            out.append((event, ident, json.loads(data)))
-            if event == until:
-                return out
-            event, ident, data = "message", None, ""
+    for message in sse_messages(lines):
+        out.append((message.event, message.id, json.loads(message.data)))
+        if message.event == until:
+            return out
     raise AssertionError(f"stream ended after {out}")
 
 

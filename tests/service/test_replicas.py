@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 
+from service.sdk.sse import messages as sse_messages
 from tests.service.test_sse import _agent_with_task, _operator, _revoke_task
 from tests.support.serve import serve
 
@@ -31,25 +32,21 @@ def test_a_revocation_through_one_replica_is_live_on_the_other(
             "GET", f"{b.url}/v1/revocations/stream", headers=headers, timeout=10
         ) as stream:
             assert stream.status_code == 200
-            lines = stream.iter_lines()
-            for line in lines:  # the replay is over once the first heartbeat arrives
-                if line.strip() == "event: heartbeat":
+            received = sse_messages(stream.iter_lines())
+            for message in received:  # the replay is over once the first heartbeat arrives
+                if message.event == "heartbeat":
                     break
             sent_at = time.monotonic()
             seq = _revoke_task(a, analyst, task_id)  # committed through replica A
-            event, ident, data_line = None, None, ""
-            for line in lines:
+            revocation = None
+            for message in received:
+                if message.event == "revocation":
+                    revocation = message
+                    break
                 if time.monotonic() - sent_at > 5:  # heartbeats keep coming; don't wait forever
                     break
-                if line.startswith("event:"):
-                    event = line.split(":", 1)[1].strip()
-                elif line.startswith("id:"):
-                    ident = line.split(":", 1)[1].strip()
-                elif line.startswith("data:"):
-                    data_line = line.split(":", 1)[1].strip()
-                elif line == "" and event == "revocation":
-                    break
             delay = time.monotonic() - sent_at
-        assert ident == str(seq)
-        assert json.loads(data_line)["task_ids"] == [task_id]
+        assert revocation is not None, f"replica B announced nothing within {delay:.1f}s"
+        assert revocation.id == str(seq)
+        assert json.loads(revocation.data)["task_ids"] == [task_id]
         assert delay < 2.0, f"replica B announced it after {delay:.2f}s"

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from service.sdk.sse import messages as sse_messages
 from tests.support.harness import AUD
 from tests.support.serve import Served, serve
 
@@ -78,19 +79,10 @@ def _revoke_task(s: Served, token: str, task_id: str) -> int:
 def _events(lines: Iterator[str], want: int) -> list[tuple[str, str | None, dict[str, Any]]]:
     """Read SSE messages until ``want`` revocation events arrived (heartbeats kept too)."""
     out: list[tuple[str, str | None, dict[str, Any]]] = []
-    event, ident, data = "message", None, ""
-    for line in lines:
-        if line.startswith("event:"):
-            event = line.split(":", 1)[1].strip()
-        elif line.startswith("id:"):
-            ident = line.split(":", 1)[1].strip()
-        elif line.startswith("data:"):
-            data += line.split(":", 1)[1].strip()
-        elif line == "" and data:
-            out.append((event, ident, json.loads(data)))
-            event, ident, data = "message", None, ""
-            if sum(1 for e in out if e[0] == "revocation") >= want:
-                return out
+    for message in sse_messages(lines):
+        out.append((message.event, message.id, json.loads(message.data)))
+        if sum(1 for e in out if e[0] == "revocation") >= want:
+            return out
     raise AssertionError(f"stream ended after {out}")
 
 
@@ -148,9 +140,8 @@ def test_heartbeats_flow_on_a_quiet_stream(server: Served) -> None:
         timeout=10,
     ) as r:
         seen: list[str] = []
-        for line in r.iter_lines():
-            if line.startswith("event:"):
-                seen.append(line.split(":", 1)[1].strip())
+        for message in sse_messages(r.iter_lines()):
+            seen.append(message.event)
             if seen.count("heartbeat") >= 2:
                 break
         assert seen == ["heartbeat", "heartbeat"]
