@@ -48,7 +48,7 @@ class Config:
 
 
 def _pool(config: Config) -> list[tuple[bytes, bytes]]:
-    from service.events import Decision, Source, UsageEvent, encoder
+    from service.kernel.events import Decision, Source, UsageEvent, encoder
 
     now = time.time()
     prefix = f"bg{os.getpid()}-"

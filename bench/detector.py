@@ -28,7 +28,7 @@ from threadpoolctl import threadpool_limits
 from detectors.models import Artifact, ModelStage, load_artifact
 from detectors.rules import Thresholds, evaluate
 from detectors.state import Store
-from service.events import (
+from service.kernel.events import (
     Decision,
     Source,
     TaskEvent,
@@ -37,7 +37,7 @@ from service.events import (
     decoder,
     encoder,
 )
-from service.scopes import Limits, ScopeSpec
+from service.kernel.scopes import Limits, ScopeSpec
 
 
 def make_events(

@@ -10,11 +10,14 @@ One run prints:
    * **cold** — every token seen for the first time: parse, signature, claims, scope
      compile, cache insert;
    * **cached** — a working set of tokens checked again and again (dict hit, expiry,
-     staleness, revocation, one precompiled scope match);
+     staleness, revocation, the scope decision remembered per (action, resource));
+   * **cached, a new URL each call** — the same tokens, each call to another URL that
+     needs normalising (host case, default port, an escape): canonicalisation and the
+     precompiled scope match run every time;
    * each with and without usage reporting (building the ``UsageEvent`` and queueing it;
      the JSON encoding then happens off the request path in the emitter, its cost is
      shown separately as "usage encode").
-3. ``RevocationState`` memory for 1M revoked jti hashes (tracemalloc), next to a plain
+3. ``DenyState`` memory for 1M revoked jti hashes (tracemalloc), next to a plain
    ``set`` of the 64-character hex strings.
 
 Everything runs in one process, pinned to one CPU when possible. The revocation feed is
@@ -41,7 +44,6 @@ import secrets
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +51,18 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jwt  # noqa: E402
 import msgspec  # noqa: E402
+from _timing import rate  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: E402
 
 from service.config import Settings  # noqa: E402
-from service.credentials.jwk import b64url, public_jwk, thumbprint  # noqa: E402
-from service.events import RevocationEvent, encoder  # noqa: E402
-from service.sdk import Guard, RevocationState, UsageEmitter  # noqa: E402
+from service.kernel.events import RevocationEvent, encoder  # noqa: E402
+from service.kernel.jwk import public_jwk, thumbprint  # noqa: E402
+from service.kernel.jws import b64url  # noqa: E402
+from service.sdk import DenyState, Guard, UsageEmitter  # noqa: E402
 
 ISSUER = "http://killswitch.bench"
 AUD = "https://tools.internal"
@@ -68,7 +73,7 @@ class FreshFeed:
     """Always caught up and always heard from: isolates the guard's own cost."""
 
     def __init__(self) -> None:
-        self.state = RevocationState()
+        self.state = DenyState()
         self.ready = asyncio.Event()
         self.ready.set()
         self.last_heard = float("inf")
@@ -109,17 +114,6 @@ def make_tokens(n: int) -> tuple[list[str], ed25519.Ed25519PublicKey, dict[str, 
     return tokens, private.public_key(), {"keys": [{**jwk, "kid": kid, "alg": "EdDSA"}]}
 
 
-def rate(fn: Callable[[], int], windows: int = 3) -> float:
-    """Best-of-``windows`` operations per second; ``fn`` returns how many it did."""
-    best = 0.0
-    for _ in range(windows):
-        gc.collect()
-        start = time.perf_counter()
-        done = fn()
-        best = max(best, done / (time.perf_counter() - start))
-    return best
-
-
 def make_guard(jwks: dict[str, Any], usage: bool) -> Guard:
     emitter = UsageEmitter(Settings(), capacity=10**9) if usage else None
     guard = Guard(ISSUER, AUD, FreshFeed(), usage=emitter, cache_size=10**7)
@@ -157,6 +151,21 @@ def bench_checks(tokens: list[str], jwks: dict[str, Any], cached_rounds: int) ->
             return cached_rounds * len(working_set)
 
         results[f"cached{label}"] = rate(cached)
+        if not usage:
+            # The same cached tokens, each call to another URL (ids in the path): every
+            # scope decision is new, so canonicalisation and the regex run each time.
+            urls = [f"https://API.internal:443/v1/items/{i}?page=%7E{i}" for i in range(4096)]
+
+            def distinct(guard: Guard = guard, urls: list[str] = urls) -> int:
+                check = guard.check_sync
+                n = 0
+                for _ in range(max(1, cached_rounds // 10)):
+                    for token, url in zip(working_set * 5, urls, strict=False):
+                        check(token, "GET", url)
+                        n += 1
+                return n
+
+            results["cached distinct"] = rate(distinct)
         verdict = guard.check_sync(working_set[0], "GET", "https://api.internal/v1/x")
         assert verdict.allowed, verdict.reason
         denied = guard.check_sync(working_set[0], "call", "tool/payments.send")
@@ -213,7 +222,7 @@ def bench_memory(n: int) -> dict[str, float]:
 
     gc.collect()
     tracemalloc.start()
-    state = RevocationState()
+    state = DenyState()
     for event in events():
         state.apply(event)
     gc.collect()
@@ -257,6 +266,7 @@ def main() -> None:
         ("guard cold + usage event", "cold+usage"),
         ("guard cached", "cached"),
         ("guard cached + usage event", "cached+usage"),
+        ("guard cached, a new URL each call", "cached distinct"),
         ("usage event JSON encode (emitter)", "usage encode"),
     ]
     for label, key in rows:
@@ -265,7 +275,7 @@ def main() -> None:
     with_encode = 1 / (1 / results["cached+usage"] + 1 / results["usage encode"])
     print(f"{'cached + usage incl. encode':<34}{with_encode:>14,.0f}{1e6 / with_encode:>10.2f}")
     print()
-    print(f"RevocationState, 1M revoked jti hashes: {results['state MB/1M']:.1f} MB")
+    print(f"DenyState, 1M revoked jti hashes: {results['state MB/1M']:.1f} MB")
     print(f"set of 1M hex str (DenyState style):    {results['str set MB/1M']:.1f} MB")
 
 

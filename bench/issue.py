@@ -93,10 +93,10 @@ def library_limits(seconds: float) -> list[tuple[str, float, str]]:
 
     from service.contracts import TaskRecord, TaskStatus
     from service.credentials import rfc9068
-    from service.credentials.jwk import public_jwk, thumbprint
     from service.credentials.keys import KeyMeta, SigningKey
-    from service.identity import new_task_id, task_spiffe_id
-    from service.scopes import ScopeSpec, validate
+    from service.kernel.ids import new_task_id, task_spiffe_id
+    from service.kernel.jwk import public_jwk, thumbprint
+    from service.kernel.scopes import ScopeSpec, validate
 
     private = ed25519.Ed25519PrivateKey.generate()
     public = private.public_key()

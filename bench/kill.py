@@ -16,7 +16,7 @@ Definitions (both are printed with the results):
   in-scope call — yielding to the event loop between polls (``--poll-ms``, default 0.5),
   until it is denied with outcome ``revoked``: that is ``t_deny``. In between: broker →
   detector (consumer group, rules) → ``POST /v1/revocations`` → the service's commit →
-  outbox relay → revocations topic → the guard's feed → ``RevocationState``.
+  outbox relay → revocations topic → the guard's feed → ``DenyState``.
 * **kill latency as an agent sees it through HTTP** (``service/demo.py``) adds one
   request through uvicorn + ``GuardMiddleware`` on each side (≈1-2 ms here) and the
   demo's 1 ms sleep between calls; it is not measured here so that the figure is the kill
@@ -191,10 +191,10 @@ class CpuWindow:
 
 
 def _timed_state() -> Any:
-    from service.events import RevocationEvent
-    from service.sdk import RevocationState
+    from service.kernel.events import RevocationEvent
+    from service.sdk import DenyState
 
-    class TimedState(RevocationState):
+    class TimedState(DenyState):
         """The guard's revocation state, noting when (wall clock) each task's arrived."""
 
         def __init__(self) -> None:
@@ -248,7 +248,7 @@ class AlertWatch:
         self._task = asyncio.create_task(self._run(tps))
 
     async def _run(self, tps: list[Any]) -> None:
-        from service.events import AlertEvent, decoder
+        from service.kernel.events import AlertEvent, decoder
 
         while True:
             batch = await self._consumer.getmany(*tps, timeout_ms=200)

@@ -46,12 +46,12 @@ RULES: list[tuple[str, Any]] = [
     ("row decode / record build (repository.py)", lambda fn, f: "storage/repository.py" in f),
     (
         "scope validate / inherit / excess (scopes.py)",
-        lambda fn, f: "service/scopes.py" in f or fn in ("inherit_limits", "_check_within"),
+        lambda fn, f: "service/kernel/scopes.py" in f or fn in ("inherit_limits", "_check_within"),
     ),
     ("auth (header parse, b64, sha256, compare)", lambda fn, f: "service/auth.py" in f),
     (
         "ids, jti, spiffe id",
-        lambda fn, f: "service/identity.py" in f or fn in ("new_jti", "jti_hash"),
+        lambda fn, f: "service/kernel/ids.py" in f or fn in ("new_jti", "jti_hash"),
     ),
     ("prometheus metrics", lambda fn, f: "prometheus_client" in f),
     ("open_task / _issue own code", lambda fn, f: "service/tasks.py" in f),

@@ -1,6 +1,6 @@
 """Time to rebuild revocation state after a restart, on both sides of the kill switch.
 
-* service: ``DenyState.load`` over a SQLite database holding N revoked, unexpired
+* service: ``repository.load_deny_state`` over a SQLite database holding N revoked, unexpired
   credentials and N closed tasks (what a restarted service reads before it serves);
 * guard: a fresh ``KafkaRevocationFeed`` replaying N RevocationEvents from the embedded
   broker until it reports ready (what a restarted guard does before it allows anything);
@@ -23,10 +23,17 @@ from pathlib import Path
 
 from service.brokers import start_tansu
 from service.config import Settings
-from service.events import RevocationEvent, decoder, encoder, revocation_key
 from service.kafka import ensure_topics, producer
-from service.revocation import DenyState
+from service.kernel.events import (
+    CHECKPOINT_KEY,
+    FeedCheckpoint,
+    RevocationEvent,
+    decoder,
+    encoder,
+    revocation_key,
+)
 from service.sdk import KafkaRevocationFeed
+from service.storage import repository as repo
 from service.storage.database import SqliteDatabase
 from service.storage.migrations import migrate
 
@@ -67,7 +74,7 @@ async def service_side(n: int, directory: Path) -> tuple[float, float]:
     conn.close()
     db = SqliteDatabase(path)
     started = time.perf_counter()
-    state = await DenyState.load(db, now)
+    state = await repo.load_deny_state(db, now)
     loaded = time.perf_counter() - started
     await db.close()
     assert len(state.revoked_jtis) == n
@@ -104,6 +111,13 @@ async def guard_side(n: int) -> tuple[float, float, int]:
                 await p.send(
                     settings.kafka_revocations_topic, raw, key=revocation_key(event).encode()
                 )
+            # What the service writes once the topic is whole: guards wait for it.
+            checkpoint = FeedCheckpoint(epoch="bench", at=1.0, through_seq=n, republished=n)
+            await p.send(
+                settings.kafka_revocations_topic,
+                encoder.encode(checkpoint),
+                key=CHECKPOINT_KEY.encode(),
+            )
             await p.flush()
         finally:
             await p.stop()
@@ -114,6 +128,7 @@ async def guard_side(n: int) -> tuple[float, float, int]:
         replay = time.perf_counter() - started
         applied = feed.state.applied
         await feed.stop()
+        assert applied == n, f"ready after {applied} of {n} revocations"
         return replay, decode, applied
 
 
@@ -131,7 +146,7 @@ def main() -> None:
     print(f"{'what':<70} {'seconds':>8} {'per second':>12}")
     print(f"{'-' * 70} {'-' * 8} {'-' * 12}")
     rows = [
-        ("service: DenyState.load (SQLite, credentials + tasks)", loaded),
+        ("service: load_deny_state (SQLite, credentials + tasks)", loaded),
         ("  limit: sqlite3 reading the same rows (one SELECT)", raw),
         (f"guard: KafkaRevocationFeed replay to ready ({applied:,} applied, tansu)", replay),
         ("  limit: msgspec decoding the same events", decode),

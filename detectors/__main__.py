@@ -20,7 +20,7 @@ import sys
 from detectors.actions import DetectorAuthError
 from detectors.consumer import run_detector
 from service.config import Settings
-from service.errors import KillSwitchError
+from service.kernel.errors import KillSwitchError
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

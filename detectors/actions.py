@@ -4,7 +4,7 @@
   task, ``reason`` naming the rule, ``idempotency_key`` ``<rule id>:<task id>``: a
   redelivered event (after a crash or rebalance) gets the first revocation back (200)
   instead of a second one. Durable when the service answers 200/201.
-* **alert** — an :class:`~service.events.AlertEvent` on the alerts topic, keyed by agent
+* **alert** — an :class:`~service.kernel.events.AlertEvent` on the alerts topic, keyed by agent
   id, with a deterministic ``alert_id`` (rule, task, triggering event) so a consumer can
   drop redelivered duplicates. Durable when Kafka acknowledges it (``acks=all``).
 * **dead letter** — an undecodable usage record goes to the DLQ with the reason, counted.
@@ -36,10 +36,10 @@ from aiokafka import AIOKafkaProducer
 
 from detectors.metrics import DetectorMetrics
 from detectors.rules import Finding
-from service.clock import Clock
 from service.contracts import TaskView
-from service.errors import KillSwitchError
-from service.events import AlertEvent, DeadLetter, encoder
+from service.kernel.clock import Clock
+from service.kernel.errors import KillSwitchError
+from service.kernel.events import AlertEvent, DeadLetter, encoder
 
 __all__ = [
     "Abandoned",

@@ -53,9 +53,9 @@ from detectors.models import ModelStage, load_artifact
 from detectors.rules import Finding, Thresholds, evaluate
 from detectors.state import Store, TaskState
 from service import kafka
-from service.clock import Clock, SystemClock
 from service.config import Settings
-from service.events import RevocationEvent, TaskEvent, UsageEvent, decoder
+from service.kernel.clock import Clock, SystemClock
+from service.kernel.events import RevocationEvent, TaskEvent, UsageEvent, decoder
 
 __all__ = ["Detector", "run_detector"]
 
@@ -247,9 +247,17 @@ class Detector:
         while not stop.is_set():
             self._beat = time.monotonic()
             await self._drain_facts(facts, timeout_ms=0)
-            batch: Batch = await usage.getmany(
-                timeout_ms=settings.detector_poll_ms, max_records=settings.detector_max_batch
-            )
+            try:
+                batch: Batch = await usage.getmany(
+                    timeout_ms=settings.detector_poll_ms, max_records=settings.detector_max_batch
+                )
+            except asyncio.CancelledError:
+                if not kafka.cancellation_leaked():
+                    raise
+                # aiokafka cancelled its own fetch when a broker connection dropped: the
+                # consumer reconnects by itself; nothing was handed to us, nothing lost.
+                log.warning("usage fetch interrupted by a dropped broker connection")
+                continue
             if batch:
                 await self._handle(batch, usage, actions, service, gate)
             if ready is not None and not ready.is_set() and self.ready():
@@ -285,13 +293,11 @@ class Detector:
         while not facts.assignment() and not stop.is_set():
             await self._drain_facts(facts, timeout_ms=50)
         assignment = list(facts.assignment())
-        ends = await facts.end_offsets(assignment)
         applied = 0
         while not stop.is_set():
-            behind = [tp for tp in assignment if await facts.position(tp) < ends[tp]]
-            if not behind:
-                break
             applied += await self._drain_facts(facts, timeout_ms=100)
+            if not await kafka.behind(facts, assignment):
+                break
         self.caught_up = True
         log.info(
             "replayed %d task/revocation facts in %.2fs (%d tasks known)",
@@ -301,7 +307,13 @@ class Detector:
         )
 
     async def _drain_facts(self, facts: AIOKafkaConsumer, *, timeout_ms: int) -> int:
-        batch: Batch = await facts.getmany(timeout_ms=timeout_ms)
+        try:
+            batch: Batch = await facts.getmany(timeout_ms=timeout_ms)
+        except asyncio.CancelledError:
+            if not kafka.cancellation_leaked():
+                raise
+            log.warning("facts fetch interrupted by a dropped broker connection")
+            return 0
         applied = 0
         for records in batch.values():
             for record in records:

@@ -51,8 +51,8 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Final
 
 from detectors.state import AgentState, TaskState
-from service.events import Decision, UsageEvent
-from service.scopes import CompiledScope, ScopeSpec, compile_scope
+from service.kernel.events import Decision, UsageEvent
+from service.kernel.scopes import CompiledScope, ScopeSpec, compile_scope
 
 __all__ = [
     "DEFAULT_AGENT_TYPE_PATTERN",

@@ -63,8 +63,8 @@ from detectors.features import (
 )
 from detectors.rules import Finding, Rule
 from detectors.state import AgentState, TaskState
-from service.errors import KillSwitchError
-from service.events import Severity, UsageEvent
+from service.kernel.errors import KillSwitchError
+from service.kernel.events import Severity, UsageEvent
 
 __all__ = [
     "ARTIFACT_FORMAT",

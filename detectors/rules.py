@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from detectors.state import AgentState, ClientSeen, TaskState
-from service.events import Decision, Severity, UsageEvent
+from service.kernel.events import Decision, Severity, UsageEvent
 
 __all__ = [
     "ALL_RULES",
@@ -118,8 +118,12 @@ def out_of_scope(
     ev: UsageEvent, task: TaskState, agent: AgentState, t: Thresholds
 ) -> Finding | None:
     scope = task.scope
+    why: str | None = None
     if scope is not None:
-        if scope.covers(ev.action, ev.resource):
+        # The guard's own call (CompiledScope.check), so both decide every request alike,
+        # refusals of non-canonical resources ('..', '%2F' …) included.
+        why = scope.check(ev.action, ev.resource)
+        if why is None:
             return None
     elif not (ev.decision is Decision.DENY and _reason_is(ev.reason, OUT_OF_SCOPE_REASONS)):
         return None
@@ -131,6 +135,7 @@ def out_of_scope(
         grants=list(scope.spec.grants) if scope is not None else None,
         decision=ev.decision.value,
         guard_reason=ev.reason,
+        scope_reason=why,
     )
 
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Final
 
 from service.contracts import TaskView
-from service.errors import KillSwitchError
-from service.events import Decision, RevocationEvent, TaskEvent, TaskEventKind, UsageEvent
-from service.scopes import CompiledScope, ScopeSpec, compile_scope
+from service.kernel.errors import KillSwitchError
+from service.kernel.events import Decision, RevocationEvent, TaskEvent, TaskEventKind, UsageEvent
+from service.kernel.scopes import CompiledScope, ScopeSpec, compile_scope
 
 __all__ = [
     "AgentState",

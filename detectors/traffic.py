@@ -3,9 +3,9 @@
 :func:`generate` builds a workload of agent tasks — several :class:`AgentType`\\ s, each
 with its own tool mix, tool order (a Markov chain), call rate, task length, bytes-out
 distribution and a small set of stable sources — and injects attacks into a fraction
-of the tasks. Everything it emits is the real contract: :class:`~service.events.TaskEvent`
+of the tasks. Everything it emits is the real contract: :class:`~service.kernel.events.TaskEvent`
 (opened, with the declared scope and limits; closed) and
-:class:`~service.events.UsageEvent`, exactly as the service and a guard would. The same
+:class:`~service.kernel.events.UsageEvent`, exactly as the service and a guard would. The same
 seed always gives byte-identical events.
 
 Benign traffic never leaves its declared scope and stays under every declared limit, so
@@ -42,7 +42,7 @@ Events of an attacked task before the attack (and, for the two second-client sce
 the agent's own events during it) are unlabelled: they are benign behaviour.
 
 Files (:func:`write_events`, :func:`read_events`): JSON lines, one event per line encoded
-with :data:`service.events.encoder` (task and usage events merged in time order, so the
+with :data:`service.kernel.events.encoder` (task and usage events merged in time order, so the
 file replays through the typed decoder as-is), plus a sidecar ``<path>.labels.json``
 holding the labels. ``.gz`` paths are gzip-compressed. :func:`publish` sends a traffic
 to Kafka, keyed like the service (task id) and the guard (agent id), at a given rate.
@@ -74,7 +74,7 @@ import msgspec
 from detectors.rules import Thresholds, evaluate
 from detectors.state import Store
 from service.config import Settings
-from service.events import (
+from service.kernel.events import (
     Decision,
     Source,
     TaskEvent,
@@ -83,7 +83,7 @@ from service.events import (
     decoder,
     encoder,
 )
-from service.scopes import Limits, ScopeSpec, compile_scope, validate
+from service.kernel.scopes import Limits, ScopeSpec, compile_scope, validate
 
 __all__ = [
     "AGENT_TYPES",

@@ -62,7 +62,7 @@ from detectors.rules import Finding, Thresholds
 from detectors.rules import evaluate as evaluate_rules
 from detectors.state import Store
 from detectors.traffic import MODEL_SCENARIOS, Label, Traffic, read_events
-from service.events import TaskEvent, TaskEventKind, UsageEvent, decoder
+from service.kernel.events import TaskEvent, TaskEventKind, UsageEvent, decoder
 
 __all__ = ["EvalReport", "evaluate", "main", "replay_features", "train"]
 
@@ -499,12 +499,11 @@ async def read_kafka(settings: Any, *, progress: Progress = _no_progress) -> Tra
             await consumer.getmany(timeout_ms=100)
         assignment = list(consumer.assignment())
         await consumer.seek_to_beginning(*assignment)
+        # A rough total for the progress bar only (tansu's end_offsets count batches);
+        # being caught up is judged on fetched high-water marks (service.kafka.behind).
         ends = await consumer.end_offsets(assignment)
         advance = progress("kafka", sum(ends.values()))
         while True:
-            behind = [tp for tp in assignment if await consumer.position(tp) < ends[tp]]
-            if not behind:
-                break
             batch = await consumer.getmany(timeout_ms=200)
             for records in batch.values():
                 advance(len(records))
@@ -517,6 +516,8 @@ async def read_kafka(settings: Any, *, progress: Progress = _no_progress) -> Tra
                         events.append(event)
                     elif isinstance(event, TaskEvent):
                         (closed if event.kind is TaskEventKind.CLOSED else tasks).append(event)
+            if not await kafka.behind(consumer, assignment):
+                break
     finally:
         await consumer.stop()
     events.sort(key=lambda e: e.at)

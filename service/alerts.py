@@ -1,6 +1,6 @@
 """Alerts: from the detector's alerts topic into the database, and out to analysts.
 
-The detector publishes :class:`~service.events.AlertEvent` records on the alerts topic
+The detector publishes :class:`~service.kernel.events.AlertEvent` records on the alerts topic
 (key = agent id, deterministic ``alert_id``). :class:`AlertIngester` consumes them in its
 own consumer group and, per batch:
 
@@ -26,22 +26,32 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import msgspec
 
-from service.clock import Clock
+from service import kafka
 from service.config import Settings
 from service.contracts import AlertView, TimelinePoint
-from service.errors import NotFound
-from service.events import AlertEvent, decoder
+from service.kernel.clock import Clock
+from service.kernel.errors import NotFound
+from service.kernel.events import AlertEvent, decoder
 from service.metrics import Metrics
 from service.propagation import Hub
 from service.storage import repository as repo
 from service.storage.database import Database
 
-if TYPE_CHECKING:
-    from service.core import Services
+
+class AlertDeps(Protocol):
+    """What reading and acknowledging alerts needs from the running service."""
+
+    @property
+    def db(self) -> Database: ...
+    @property
+    def clock(self) -> Clock: ...
+    @property
+    def alert_hub(self) -> AlertHub: ...
+
 
 log = logging.getLogger("killswitch.alerts")
 
@@ -106,7 +116,11 @@ class AlertIngester:
                 return
             except _Stopping:
                 return
-            except Exception as exc:  # broker or database trouble: back off, reconnect
+            except (Exception, asyncio.CancelledError) as exc:
+                # Broker or database trouble (a cancellation aiokafka leaked from a dropped
+                # connection included): back off, reconnect. Our own cancellation stops.
+                if isinstance(exc, asyncio.CancelledError) and not kafka.cancellation_leaked():
+                    raise
                 failures += 1
                 log.warning("alert ingester: %s: %s (retry %d)", type(exc).__name__, exc, failures)
                 with contextlib.suppress(TimeoutError):
@@ -115,8 +129,6 @@ class AlertIngester:
                     )
 
     async def _consume(self) -> None:
-        from service import kafka
-
         await kafka.ensure_topics(self.settings)
         consumer = kafka.consumer(
             self.settings,
@@ -204,7 +216,7 @@ async def store(db: Database, alerts: list[AlertEvent], *, received_at: float) -
     return [view for view in stored if view is not None]
 
 
-async def get(services: Services, alert_id: str) -> AlertView:
+async def get(services: AlertDeps, alert_id: str) -> AlertView:
     view = await repo.get_alert(services.db, alert_id)
     if view is None:
         raise NotFound(f"no alert {alert_id}")
@@ -212,7 +224,7 @@ async def get(services: Services, alert_id: str) -> AlertView:
 
 
 async def acknowledge(
-    services: Services, alert_id: str, *, actor: str, note: str | None
+    services: AlertDeps, alert_id: str, *, actor: str, note: str | None
 ) -> tuple[AlertView, bool]:
     """Acknowledge once: the first ack wins and is audited; acknowledging an acknowledged
     alert changes nothing and returns it as it is (True only for the first)."""
@@ -236,7 +248,7 @@ async def acknowledge(
     return view, bool(changed)
 
 
-async def timeline(services: Services, minutes: int) -> list[TimelinePoint]:
+async def timeline(services: AlertDeps, minutes: int) -> list[TimelinePoint]:
     """The last ``minutes`` whole minutes up to and including the current one, oldest
     first, zeros included, so a chart can plot the list as it is."""
     current = math.floor(services.clock.now() / 60) * 60.0

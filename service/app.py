@@ -28,10 +28,10 @@ from service.api.problems import EXCEPTION_HANDLERS, problem
 from service.api.revocations import RevocationController
 from service.api.strict import strict_body
 from service.api.tasks import TaskController
-from service.clock import Clock
 from service.config import Settings
 from service.console import console_router
 from service.core import Services, start
+from service.kernel.clock import Clock
 
 log = logging.getLogger("killswitch")
 

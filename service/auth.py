@@ -20,21 +20,30 @@ import base64
 import binascii
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 from urllib.parse import unquote
 
 import jwt
 
+from service.config import Settings
 from service.contracts import AgentRecord, AgentStatus, Role, TaskStatus
-from service.credentials.jwk import load_public_jwk
-from service.credentials.rfc7662 import live_token
-from service.credentials.rfc9068 import TOKEN_TYPES, VerifiedToken
-from service.errors import AuthenticationError, ClientError, PermissionDenied, TokenRejected
+from service.credentials.status import StatusDeps, live_token
+from service.kernel.errors import AuthenticationError, ClientError, PermissionDenied, TokenRejected
+from service.kernel.jwk import load_public_jwk
+from service.kernel.tokens import TOKEN_TYPES, TokenClaims
+from service.metrics import Metrics
 from service.secrets_ import OPERATOR_TOKEN_PREFIX, hash_secret, matches
 from service.storage import repository as repo
 
-if TYPE_CHECKING:
-    from service.core import Services
+
+class AuthDeps(StatusDeps, Protocol):
+    """What authentication needs from the running service."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def metrics(self) -> Metrics: ...
+
 
 MAX_ASSERTION_LIFETIME = 300
 
@@ -46,7 +55,7 @@ class Principal:
     role: Role | None = None
     agent_id: str | None = None
     audience: str | None = None
-    token: VerifiedToken | None = None
+    token: TokenClaims | None = None
     agent: AgentRecord | None = None
     """The agent row read while authenticating it (saves opening a task a second read)."""
 
@@ -76,7 +85,7 @@ def require_agent(principal: Principal) -> Principal:
     return principal
 
 
-async def authenticate(services: Services, authorization: str | None) -> Principal:
+async def authenticate(services: AuthDeps, authorization: str | None) -> Principal:
     if not authorization:
         raise AuthenticationError("missing Authorization header")
     scheme, _, value = authorization.partition(" ")
@@ -102,14 +111,14 @@ async def authenticate(services: Services, authorization: str | None) -> Princip
     raise AuthenticationError("unsupported Authorization scheme; use Bearer or Basic")
 
 
-async def _operator(services: Services, token: str) -> Principal:
+async def _operator(services: AuthDeps, token: str) -> Principal:
     op = await repo.operator_by_token_hash(services.db, hash_secret(token))
     if op is None:
         raise AuthenticationError("invalid operator token")
     return Principal(kind="operator", name=op.name, role=op.role, audience=op.audience)
 
 
-async def _agent_secret(services: Services, value: str) -> Principal:
+async def _agent_secret(services: AuthDeps, value: str) -> Principal:
     try:
         decoded = base64.b64decode(value, validate=True).decode()
     except (binascii.Error, UnicodeDecodeError):
@@ -125,7 +134,7 @@ async def _agent_secret(services: Services, value: str) -> Principal:
     return Principal(kind="agent", name=agent.id, agent_id=agent.id, agent=agent)
 
 
-async def task_principal(services: Services, token: str) -> Principal:
+async def task_principal(services: AuthDeps, token: str) -> Principal:
     """A task credential authenticates its own task — if it is alive in every respect."""
     try:
         # Signature, claims, deny state *and* the database's word on the credential: a
@@ -142,7 +151,7 @@ async def task_principal(services: Services, token: str) -> Principal:
     return Principal(kind="task", name=task.id, agent_id=task.agent_id, token=verified)
 
 
-async def _client_assertion(services: Services, assertion: str) -> Principal:
+async def _client_assertion(services: AuthDeps, assertion: str) -> Principal:
     """RFC 7523 §3: validate a JWT client assertion (private_key_jwt, RFC 7521 §4.2)."""
     try:
         unverified = jwt.decode(assertion, options={"verify_signature": False})

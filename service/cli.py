@@ -1,6 +1,7 @@
 """The ``killswitch`` command line.
 
-``serve`` runs the service. Every other command is a thin client of the HTTP API
+``serve`` runs the service; ``up``, ``demo``, ``down`` and ``env`` run, stop and point at
+the whole system (``service.stack``). Every other command is a thin client of the HTTP API
 (``--url``/``KS_URL``, ``--token``/``KS_TOKEN``), so the running service stays the only
 writer and its in-memory state never goes stale — except ``operators add --offline`` and
 ``keys rotate --offline``, which work on the database and key directory directly for
@@ -23,12 +24,13 @@ from typing import Any, NoReturn
 import httpx
 
 from service.config import Settings, describe
-from service.errors import KillSwitchError
+from service.kernel.errors import KillSwitchError
 
 EPILOG = """\
 environment:
   KS_URL     service URL for client commands (default http://127.0.0.1:8080)
   KS_TOKEN   operator token for client commands (printed by the first `killswitch serve`)
+             eval "$(killswitch env)" sets both for the running `killswitch up`
   KS_*       service settings; `killswitch config` lists them all
 """
 
@@ -95,15 +97,36 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_up(args: argparse.Namespace) -> None:
     import signal as _signal
 
-    from service.stack import StackError, up
+    from service.stack import (
+        StackError,
+        announce,
+        refuse_if_running,
+        start_detached,
+        up,
+        withdraw,
+    )
+
+    data_dir = Path(args.data_dir)
+    if getattr(args, "detach", False):
+        if args.demo:
+            _die("--detach runs the system in the background; the demo runs in the foreground", 2)
+        try:
+            state = start_detached(data_dir, port=args.port, kafka=args.kafka)
+        except StackError as exc:
+            _die(str(exc))
+        print(state.banner, flush=True)
+        return
 
     def _terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     _signal.signal(_signal.SIGTERM, _terminate)
+    pid = os.getpid()
     try:
-        with up(Path(args.data_dir), port=args.port, kafka=args.kafka) as stack:
+        refuse_if_running(data_dir)
+        with up(data_dir, port=args.port, kafka=args.kafka) as stack:
             print(stack.banner(), flush=True)
+            announce(stack, pid)
             if args.demo:
                 from service.demo import run_demo
 
@@ -115,6 +138,36 @@ def cmd_up(args: argparse.Namespace) -> None:
         _die(str(exc))
     except KeyboardInterrupt:
         print("\nstopping killswitch...", file=sys.stderr)
+    finally:
+        withdraw(data_dir, pid)  # after every part has stopped: `down` waits for this
+
+
+def cmd_down(args: argparse.Namespace) -> None:
+    from service.stack import StackError, stop_running
+
+    try:
+        state = stop_running(Path(args.data_dir))
+    except StackError as exc:
+        _die(str(exc))
+    if state is None:
+        print(f"killswitch: nothing is up for {args.data_dir}", file=sys.stderr)
+    else:
+        print(f"stopped killswitch at {state.url} (pid {state.pid})", file=sys.stderr)
+
+
+def cmd_env(args: argparse.Namespace) -> None:
+    import shlex
+
+    from service.stack import wait_running
+
+    state = wait_running(Path(args.data_dir), args.wait)
+    if state is None:
+        waited = f" (waited {args.wait:g} s)" if args.wait else ""
+        _die(
+            f"no `killswitch up` is running for {args.data_dir}{waited}; "
+            "start one with `killswitch up --detach`"
+        )
+    print(f"export KS_URL={shlex.quote(state.url)} KS_TOKEN={shlex.quote(state.admin_token)}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -137,7 +190,25 @@ class Api:
         self.url = url.rstrip("/")
         self.token = token
 
-    def call(self, method: str, path: str, body: Any = None, params: Any = None) -> Any:
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: Any = None,
+        form: dict[str, str] | None = None,
+    ) -> Any:
+        return self.call_with_status(method, path, body, params, form)[1]
+
+    def call_with_status(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: Any = None,
+        form: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        """The status and the decoded JSON answer; a problem answer ends the command."""
         if not self.token:
             _die("no operator token: pass --token or set KS_TOKEN", 2)
         try:
@@ -145,6 +216,7 @@ class Api:
                 method,
                 self.url + path,
                 json=body,
+                data=form,
                 params=params,
                 headers={"Authorization": f"Bearer {self.token}"},
                 timeout=30,
@@ -164,7 +236,7 @@ class Api:
             except ValueError:
                 detail = response.text[:500]
             _die(f"HTTP {response.status_code} {detail}")
-        return response.json() if response.content else None
+        return response.status_code, (response.json() if response.content else None)
 
 
 def _api(args: argparse.Namespace) -> Api:
@@ -197,10 +269,35 @@ def cmd_agents_add(args: argparse.Namespace) -> None:
             body["public_jwk"] = json.load(fh)
     if args.no_secret:
         body["issue_secret"] = False
+        if args.secret_file:
+            _die("--secret-file needs a client secret: drop --no-secret", 2)
     created = _api(args).call("POST", "/v1/agents", body)
-    _print(created["agent"])
-    if created.get("client_secret"):
-        print(f"\nclient secret (shown once): {created['client_secret']}", file=sys.stderr)
+    secret = created.get("client_secret")
+    if secret and args.secret_file:
+        try:
+            _write_secret(Path(args.secret_file), secret)
+        except OSError as exc:
+            print(f"client secret (shown once): {secret}", file=sys.stderr)
+            _die(f"cannot write {args.secret_file}: {exc.strerror or exc}")
+        created = {**created, "client_secret": None}  # the file is the only copy
+    _print(created if args.json else created["agent"])
+    if secret and args.secret_file:
+        print(f"client secret written to {args.secret_file} (mode 0600)", file=sys.stderr)
+    elif secret and not args.json:
+        print(f"\nclient secret (shown once): {secret}", file=sys.stderr)
+
+
+def _write_secret(path: Path, secret: str) -> None:
+    """Write ``secret`` to ``path``, mode 0600 from the first byte on (replacing the file)."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secret + "\n")
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def cmd_agents_list(args: argparse.Namespace) -> None:
@@ -269,10 +366,70 @@ def cmd_revoke(args: argparse.Namespace) -> None:
         if not args.yes:
             scope = f"agent {args.agent}" if args.agent else "EVERY agent"
             when = "now" if args.before is None else f"{args.before}"
-            answer = input(f"Revoke every credential of {scope} issued up to {when}? [y/N] ")
+            interactive = sys.stdin.isatty()
+            if interactive:  # on stderr, so that stdout stays the JSON answer
+                print(
+                    f"Revoke every credential of {scope} issued up to {when}? [y/N] ",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            answer = sys.stdin.readline()
+            if not answer:  # end of input: nobody can answer (a script, </dev/null, Ctrl-D)
+                if interactive:
+                    print(file=sys.stderr)
+                _die("a cut-off needs a confirmation and standard input is closed: pass --yes")
             if answer.strip().lower() not in ("y", "yes"):
                 _die("aborted", 1)
-    _print(_api(args).call("POST", "/v1/revocations", {"target": target, "reason": args.reason}))
+    status, revocation = _api(args).call_with_status(
+        "POST", "/v1/revocations", {"target": target, "reason": args.reason}
+    )
+    _print(revocation)
+    if status == 200:
+        print(
+            f"already revoked: this is revocation #{revocation['seq']}, nothing new was written",
+            file=sys.stderr,
+        )
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def cmd_tasks_list(args: argparse.Namespace) -> None:
+    params: dict[str, Any] = {"limit": args.limit}
+    if args.agent:
+        params["agent_id"] = args.agent
+    if args.status:
+        params["status"] = args.status
+    page = _api(args).call("GET", "/v1/tasks", params=params)
+    if args.json:
+        _print(page)
+        return
+    if args.quiet:
+        for task in page["items"]:
+            print(task["id"])
+        return
+    print(f"{'task':<26}  {'agent':<24} {'status':<9}  {'deadline (UTC)':<20}  grants")
+    for task in page["items"]:
+        print(
+            f"{task['id']:<26}  {task['agent_id']:<24} {task['status']:<9}  "
+            f"{_stamp(task['deadline']):<20}  {' '.join(task['scope']['grants'])}"
+        )
+    if page["next_cursor"]:
+        print(f"(more: --limit, or the API with cursor={page['next_cursor']})", file=sys.stderr)
+
+
+def cmd_tasks_show(args: argparse.Namespace) -> None:
+    from urllib.parse import quote
+
+    _print(_api(args).call("GET", f"/v1/tasks/{quote(args.task_id, safe='')}"))
+
+
+def cmd_introspect(args: argparse.Namespace) -> None:
+    credential = sys.stdin.readline().strip() if args.credential == "-" else args.credential
+    if not credential:
+        _die("no access token to introspect", 2)
+    _print(_api(args).call("POST", "/oauth2/introspect", form={"token": credential}))
 
 
 # --------------------------------------------------------------------------- alerts
@@ -395,8 +552,8 @@ def cmd_keys_list(args: argparse.Namespace) -> None:
 
 def cmd_keys_rotate(args: argparse.Namespace) -> None:
     if args.offline:
-        from service.clock import SystemClock
         from service.credentials.keys import KeyStore
+        from service.kernel.clock import SystemClock
 
         s = Settings.from_env()
         store = KeyStore(
@@ -468,9 +625,42 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--kafka", help="bootstrap servers of an existing Kafka instead of tansu")
         if name == "up":
             p.add_argument("--demo", action="store_true", help="also run the demo")
+            p.add_argument(
+                "--detach",
+                action="store_true",
+                help="run in the background (output in <data-dir>/logs/up.log), return once "
+                "every part is ready; `killswitch down` stops it",
+            )
             p.set_defaults(func=cmd_up)
         else:
             p.set_defaults(func=cmd_demo)
+
+    data_dir_help = "data directory of the `killswitch up` (default %(default)s)"
+    p = sub.add_parser(
+        "down",
+        help="stop the system a `killswitch up` (or --detach) runs on this data directory",
+        description="Stop the `killswitch up` of a data directory (found through "
+        "<data-dir>/up.json): SIGTERM, then wait until the detector, the service and the "
+        "broker have stopped. Nothing running is not an error.",
+    )
+    p.add_argument("--data-dir", default=".killswitch", help=data_dir_help)
+    p.set_defaults(func=cmd_down)
+    p = sub.add_parser(
+        "env",
+        help="print `export KS_URL=… KS_TOKEN=…` for a running `killswitch up`",
+        description="Print the shell lines that point the client commands at the running "
+        "`killswitch up` of a data directory, with its admin token.",
+        epilog='example: eval "$(killswitch env)"',
+    )
+    p.add_argument("--data-dir", default=".killswitch", help=data_dir_help)
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long for a starting `killswitch up` to be ready (default: do not wait)",
+    )
+    p.set_defaults(func=cmd_env)
 
     p = sub.add_parser(
         "serve",
@@ -511,6 +701,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="display name")
     p.add_argument("--public-jwk", help="file with a public JWK for private_key_jwt")
     p.add_argument("--no-secret", action="store_true", help="no client secret (key-only agent)")
+    p.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="write the client secret to FILE (mode 0600) instead of printing it",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the API's whole answer (agent and client secret) as JSON on stdout",
+    )
     p.set_defaults(func=cmd_agents_add)
     p = asub.add_parser("list", parents=[client], help="list agents (viewer)")
     p.add_argument("--limit", type=int, default=100)
@@ -571,6 +771,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent", help="cutoff: only this agent")
     p.add_argument("--yes", action="store_true", help="cutoff: do not ask for confirmation")
     p.set_defaults(func=cmd_revoke)
+
+    tasks = sub.add_parser("tasks", help="list or show tasks")
+    tsub = tasks.add_subparsers(dest="tasks_command", required=True, metavar="ACTION")
+    p = tsub.add_parser(
+        "list",
+        parents=[client],
+        help="list tasks, newest first (viewer)",
+        epilog="example: TASK=$(killswitch tasks list --agent billing --status active --quiet)",
+    )
+    p.add_argument("--agent", help="only this agent's tasks")
+    p.add_argument(
+        "--status", choices=["active", "completed", "revoked"], help="only tasks in this state"
+    )
+    p.add_argument("--limit", type=int, default=50, help="how many (default %(default)s)")
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the API's JSON page")
+    output.add_argument("-q", "--quiet", action="store_true", help="print only task ids")
+    p.set_defaults(func=cmd_tasks_list)
+    p = tsub.add_parser("show", parents=[client], help="show one task as JSON (viewer)")
+    p.add_argument("task_id", help="task id")
+    p.set_defaults(func=cmd_tasks_show)
+
+    p = sub.add_parser(
+        "introspect",
+        parents=[client],
+        help="ask the service whether an access token is live, RFC 7662 (analyst)",
+        description="Introspect an access token (POST /oauth2/introspect): its claims "
+        'while it is live, {"active": false} once it is revoked, expired or forged.',
+        epilog='example: killswitch introspect "$TOKEN"   (or - to read it from stdin)',
+    )
+    p.add_argument("credential", metavar="TOKEN", help="the access token, or - for stdin")
+    p.set_defaults(func=cmd_introspect)
 
     alerts = sub.add_parser("alerts", help="list or watch the detector's alerts")
     alsub = alerts.add_subparsers(dest="alerts_command", required=True, metavar="ACTION")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from service.errors import ClientError
+from service.kernel.errors import ClientError
 
 
 class Secret:

@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from service.events import Severity
-from service.scopes import Limits, ScopeSpec
+from service.kernel.events import Severity
+from service.kernel.scopes import Limits, ScopeSpec
 
 AgentId = Annotated[
     str,

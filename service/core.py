@@ -11,14 +11,16 @@ import logging
 from dataclasses import dataclass
 
 from service.alerts import AlertHub, AlertIngester
-from service.clock import Clock, SystemClock
 from service.config import Settings
 from service.credentials.keys import KeyStore
 from service.credentials.rfc9068 import TokenVerifier
-from service.identity import validate_trust_domain
+from service.kernel.clock import Clock, SystemClock
+from service.kernel.deny import DenyState
+from service.kernel.ids import validate_trust_domain
 from service.metrics import Metrics
 from service.propagation import OutboxRelay, Propagator, RevocationHub, RevocationTail
-from service.revocation import DenyState, Revoker
+from service.revocation import Revoker
+from service.storage import repository as repo
 from service.storage.database import Database, open_database
 from service.storage.migrations import migrate
 
@@ -78,9 +80,9 @@ async def start(
             leeway=settings.leeway,
         )
         keys.load_or_create()
-        deny = await DenyState.load(db, clock.now())
+        deny = await repo.load_deny_state(db, clock.now())
         hub = RevocationHub()
-        relay = OutboxRelay(db, settings) if settings.kafka_bootstrap else None
+        relay = OutboxRelay(db, settings, clock) if settings.kafka_bootstrap else None
         propagator = Propagator(deny, hub, relay)
         metrics = Metrics()
         alert_hub = AlertHub()

@@ -7,6 +7,7 @@ Everything else in killswitch talks to Kafka through this module, so security op
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import ssl
@@ -66,6 +67,20 @@ def consumer(
     return AIOKafkaConsumer(*topics, **common_kwargs(settings, client_id), **options)
 
 
+def cancellation_leaked() -> bool:
+    """Whether a ``CancelledError`` just caught was *not* asked for.
+
+    aiokafka cancels futures of its own when a broker connection drops, and such a
+    ``CancelledError`` can surface in the caller's ``getmany``/``position`` even though
+    nobody cancelled the caller's task (seen on Apache Kafka restarts). A long-running
+    loop that re-raised it would die quietly — a guard stale for good, an outbox that
+    never drains. Loops call this: True means "treat it as a broker error and retry";
+    False means our own task is being cancelled (``Task.cancelling()``) and must stop.
+    """
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
 async def partitions_of(client: AIOKafkaConsumer, topic: str) -> set[int]:
     """The partitions of ``topic`` (empty if it does not exist), asked of the broker.
 
@@ -74,9 +89,37 @@ async def partitions_of(client: AIOKafkaConsumer, topic: str) -> set[int]:
     group-less consumer never sees the partitions that way. Read them from the fetched
     metadata instead.
     """
-    cluster = await client._client.fetch_all_metadata()
+    return await _listed_partitions(client._client, topic)
+
+
+async def listed_partitions(producer: AIOKafkaProducer, topic: str) -> set[int]:
+    """:func:`partitions_of` for a producer: what fresh broker metadata lists for ``topic``.
+
+    A broker that restarted empty may still acknowledge writes to a topic it does not
+    list; the outbox asks this before it deletes a row it published.
+    """
+    return await _listed_partitions(producer.client, topic)
+
+
+async def _listed_partitions(client: Any, topic: str) -> set[int]:
+    cluster = await client.fetch_all_metadata()
     parts: set[int] | None = cluster.partitions_for_topic(topic)
     return set(parts or ())
+
+
+async def behind(consumer: AIOKafkaConsumer, partitions: Iterable[Any]) -> list[Any]:
+    """The partitions whose position is below the high-water mark of their last fetch.
+
+    A partition not fetched yet counts as behind. The mark comes from fetch responses,
+    never from ``end_offsets`` (``ListOffsets``): tansu answers that with a count of
+    record batches, not records, so "caught up to end_offsets" can be declared early.
+    """
+    late = []
+    for tp in partitions:
+        high = consumer.highwater(tp)
+        if high is None or await consumer.position(tp) < high:
+            late.append(tp)
+    return late
 
 
 @dataclass(frozen=True)

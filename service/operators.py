@@ -4,15 +4,26 @@ detector, resource_server). Tokens are shown once and stored as SHA-256 hashes."
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from service.config import Settings
 from service.contracts import CreateOperator, OperatorCreated, OperatorRecord, OperatorView, Role
-from service.errors import ClientError, Conflict, NotFound
+from service.kernel.clock import Clock
+from service.kernel.errors import ClientError, Conflict, NotFound
 from service.secrets_ import OPERATOR_TOKEN_PREFIX, hash_secret, new_secret
 from service.storage import repository as repo
+from service.storage.database import Database
 
-if TYPE_CHECKING:
-    from service.core import Services
+
+class OperatorDeps(Protocol):
+    """What operator management needs from the running service."""
+
+    @property
+    def db(self) -> Database: ...
+    @property
+    def clock(self) -> Clock: ...
+    @property
+    def settings(self) -> Settings: ...
 
 
 def view(op: OperatorRecord) -> OperatorView:
@@ -27,7 +38,7 @@ def view(op: OperatorRecord) -> OperatorView:
 
 
 async def create(
-    services: Services, request: CreateOperator, *, actor: str, token: str | None = None
+    services: OperatorDeps, request: CreateOperator, *, actor: str, token: str | None = None
 ) -> OperatorCreated:
     if request.role is Role.RESOURCE_SERVER and request.audience is None:
         raise ClientError("a resource_server operator needs the audience it serves")
@@ -56,7 +67,7 @@ async def create(
     return OperatorCreated(operator=view(record), token=token)
 
 
-async def ensure_detector(services: Services) -> None:
+async def ensure_detector(services: OperatorDeps) -> None:
     """Create the ``detector`` operator from KS_BOOTSTRAP_DETECTOR_TOKEN, once."""
     configured = services.settings.bootstrap_detector_token
     if configured is None or await repo.get_operator(services.db, "detector") is not None:
@@ -69,7 +80,7 @@ async def ensure_detector(services: Services) -> None:
     )
 
 
-async def ensure_admin(services: Services) -> str | None:
+async def ensure_admin(services: OperatorDeps) -> str | None:
     """Create the first admin if there is none; returns a generated token (to print once)."""
     if await repo.count_admins(services.db) > 0:
         return None
@@ -84,7 +95,7 @@ async def ensure_admin(services: Services) -> str | None:
     return None if configured is not None else created.token
 
 
-async def disable(services: Services, name: str, *, actor: str) -> OperatorView:
+async def disable(services: OperatorDeps, name: str, *, actor: str) -> OperatorView:
     """Disable an operator token at once (a stolen or departed operator's)."""
     now = services.clock.now()
     async with services.db.transaction() as tx:

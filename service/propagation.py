@@ -1,7 +1,7 @@
 """Propagation: a committed revocation reaches every enforcement point.
 
 Write path (inside the revocation's own database transaction, see service.revocation):
-the :class:`~service.events.RevocationEvent` — and a ``closed`` TaskEvent per task it
+the :class:`~service.kernel.events.RevocationEvent` — and a ``closed`` TaskEvent per task it
 ended — are queued in the ``outbox`` table. Nothing is published before the commit, and
 nothing committed is lost: after a crash the relay finds the rows on start.
 
@@ -10,8 +10,12 @@ After the commit, :meth:`Propagator.committed`
 2. hands it to the :class:`RevocationHub`, which pushes it to every SSE subscriber,
 3. wakes the :class:`OutboxRelay`, which publishes the queued rows to Kafka at once
    (no polling interval: a one-second timer is only a safety net) and deletes them when
-   the broker has acknowledged them. A crash between publish and delete re-publishes:
-   harmless, because consumers apply revocations idempotently.
+   the broker has acknowledged them and lists their topic. A crash between publish and
+   delete re-publishes: harmless, because consumers apply revocations idempotently.
+
+The relay also keeps the revocation topic whole (``service.revocation_log``): a topic
+that is new, empty or reset is rebuilt from the database before guards can become
+ready on it.
 """
 
 from __future__ import annotations
@@ -19,16 +23,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
+from service import kafka
 from service.config import Settings
-from service.events import RevocationEvent, TaskEvent, encoder, revocation_key
+from service.kernel.clock import Clock
+from service.kernel.deny import DenyState
+from service.kernel.events import RevocationEvent, TaskEvent, encoder, revocation_key
+from service.revocation_log import LogReset, RevocationLog
 from service.storage import repository as repo
 from service.storage.database import Database
-
-if TYPE_CHECKING:
-    from service.clock import Clock
-    from service.revocation import DenyState
 
 log = logging.getLogger("killswitch.propagation")
 
@@ -93,22 +97,35 @@ class RevocationHub(Hub[RevocationEvent]):
 
 
 class OutboxRelay:
-    """Publishes outbox rows to Kafka as soon as a commit wakes it."""
+    """Publishes outbox rows to Kafka as soon as a commit wakes it.
+
+    Before the first row, and every ``verify_interval`` seconds after, it has the
+    :class:`~service.revocation_log.RevocationLog` verify the revocation topic (and
+    rebuild it from the database when it is new, empty or reset). A row is deleted only
+    once the broker acknowledged it *and* fresh metadata lists its topic; an
+    acknowledgement whose offset went backwards means the broker's log was reset under
+    us: the topic is rebuilt and the rows are sent again.
+    """
 
     BATCH = 500
 
-    def __init__(self, db: Database, settings: Settings) -> None:
+    def __init__(
+        self, db: Database, settings: Settings, clock: Clock, *, verify_interval: float = 1.0
+    ) -> None:
         self.db = db
         self.settings = settings
         self.topics = {
             REVOCATIONS: settings.kafka_revocations_topic,
             TASKS: settings.kafka_tasks_topic,
         }
+        self.log = RevocationLog(db, settings, clock)
+        self.verify_interval = verify_interval
         self.published = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._producer: Any = None
+        self._verified_at = float("-inf")
 
     def notify(self) -> None:
         self._wake.set()
@@ -123,16 +140,20 @@ class OutboxRelay:
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(self._task, timeout=10)
-        if self._producer is not None:
-            await self._producer.stop()
+        await self._drop_producer()
+        await self.log.close()
+
+    async def _drop_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await producer.stop()
 
     async def _run(self) -> None:
-        from service import kafka
-
         failures = 0
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                await asyncio.wait_for(self._wake.wait(), timeout=self.verify_interval)
             self._wake.clear()
             try:
                 if self._producer is None:
@@ -140,16 +161,26 @@ class OutboxRelay:
                     producer = kafka.producer(self.settings, "killswitch-outbox")
                     await producer.start()
                     self._producer = producer
+                    self._verified_at = float("-inf")
+                loop_time = asyncio.get_running_loop().time()
+                if loop_time - self._verified_at >= self.verify_interval:
+                    await self.log.ensure_whole(self._producer)
+                    self._verified_at = loop_time
                 while await self._drain_once():
                     pass
                 failures = 0
-            except Exception as exc:  # broker down: keep the rows, retry with backoff
+            except LogReset as exc:
+                log.warning("outbox relay: revocation log reset (%s); rebuilding", exc)
+                self._verified_at = float("-inf")
+                self._wake.set()
+            except (Exception, asyncio.CancelledError) as exc:
+                # Broker down: keep the rows, retry with backoff. A cancellation aiokafka
+                # leaked from a dropped connection is that too; our own stop() is not.
+                if isinstance(exc, asyncio.CancelledError) and not kafka.cancellation_leaked():
+                    raise
                 failures += 1
                 log.warning("outbox relay: %s (retry %d)", exc, failures)
-                if self._producer is not None:
-                    with contextlib.suppress(Exception):
-                        await self._producer.stop()
-                    self._producer = None
+                await self._drop_producer()
                 await asyncio.sleep(min(0.1 * 2**failures, 5.0))
                 self._wake.set()
 
@@ -157,13 +188,22 @@ class OutboxRelay:
         rows = await repo.pending_outbox(self.db, self.BATCH)
         if not rows:
             return False
+        producer = self._producer
         sends = [
-            await self._producer.send(
+            await producer.send(
                 self.topics[row["topic"]], value=row["value"].encode(), key=row["key"].encode()
             )
             for row in rows
         ]
-        await asyncio.gather(*sends)
+        revocations = self.topics[REVOCATIONS]
+        for metadata in await asyncio.gather(*sends):
+            if metadata.topic == revocations:
+                self.log.acknowledged(metadata.partition, metadata.offset)
+        # An acknowledgement is not enough: a broker that restarted empty acknowledges
+        # writes to topics it does not list. Delete only what a listed topic holds.
+        for name in {self.topics[row["topic"]] for row in rows}:
+            if not await kafka.listed_partitions(producer, name):
+                raise LogReset(f"topic {name} is not listed by the broker")
         await repo.delete_outbox(self.db, [row["seq"] for row in rows])
         self.published += len(rows)
         return len(rows) == self.BATCH

@@ -6,19 +6,19 @@ cut-off (every credential issued at or before a time, globally or for one agent:
 panic button). Each revocation is one database transaction that writes the revocation
 record, the task/credential state changes, an audit entry and (with Kafka configured)
 the outbox rows; only after it commits does ``service.propagation`` apply it to the
-in-memory :class:`DenyState`, the SSE stream and Kafka, so nothing is announced that a
+in-memory deny state, the SSE stream and Kafka, so nothing is announced that a
 crash could take back.
 
-:class:`DenyState` answers "is this verified token dead?" in O(1) from memory. It is
-rebuilt from the database on start (only entries whose credentials can still be alive).
+:class:`~service.kernel.deny.DenyState` (the kernel's) answers "is this verified token
+dead?" in O(1) from memory; ``repository.load_deny_state`` rebuilds it from the database
+on start (only entries whose credentials can still be alive).
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from service.clock import Clock
 from service.contracts import (
     AgentStatus,
     AgentTarget,
@@ -30,74 +30,13 @@ from service.contracts import (
     TaskStatus,
     TaskTarget,
 )
-from service.credentials.rfc9068 import VerifiedToken, jti_hash
-from service.errors import ClientError, NotFound
-from service.events import RevocationEvent, TaskEvent, TaskEventKind
+from service.kernel.clock import Clock
+from service.kernel.errors import ClientError, NotFound
+from service.kernel.events import RevocationEvent, TaskEvent, TaskEventKind
+from service.kernel.tokens import jti_hash
 from service.propagation import Propagator, enqueue_revocation, enqueue_task_event
 from service.storage import repository as repo
 from service.storage.database import Database, is_unique_violation
-
-
-@dataclass
-class DenyState:
-    revoked_jtis: set[str] = field(default_factory=set)
-    closed_tasks: dict[str, str] = field(default_factory=dict)
-    agent_cutoffs: dict[str, float] = field(default_factory=dict)
-    global_cutoff: float = 0.0
-
-    def reason_denied(self, token: VerifiedToken) -> str | None:
-        """Why this (already signature-verified) token is dead, or None if it is not."""
-        if token.jti_hash in self.revoked_jtis:
-            return "credential revoked"
-        status = self.closed_tasks.get(token.task_id)
-        if status is not None:
-            return f"task {status}"
-        if token.iat <= self.global_cutoff:
-            return "issued before the global cut-off"
-        agent_cutoff = self.agent_cutoffs.get(token.agent_id)
-        if agent_cutoff is not None and token.iat <= agent_cutoff:
-            return "issued before the agent's cut-off"
-        return None
-
-    def cutoff_for(self, agent_id: str) -> float:
-        return max(self.global_cutoff, self.agent_cutoffs.get(agent_id, 0.0))
-
-    def close_tasks(self, task_ids: list[str], status: str) -> None:
-        for task_id in task_ids:
-            self.closed_tasks.setdefault(task_id, status)
-
-    def cut_off(self, agent_id: str | None, at: float) -> None:
-        # Token iat is whole seconds: a cut-off at 100.4 must kill a token with iat 100.
-        if agent_id is None:
-            self.global_cutoff = max(self.global_cutoff, at)
-        else:
-            self.agent_cutoffs[agent_id] = max(self.agent_cutoffs.get(agent_id, 0.0), at)
-
-    def apply(self, event: RevocationEvent) -> None:
-        """Apply one committed revocation: the same semantics every guard applies."""
-        if event.jti_hash is not None and event.target == "credential":
-            self.revoked_jtis.add(event.jti_hash)
-        if event.task_ids:
-            if event.source == RevocationSource.TASK_END.value:
-                # The completed task comes first; the rest are sub-tasks it took along.
-                self.close_tasks(event.task_ids[:1], TaskStatus.COMPLETED.value)
-            self.close_tasks(event.task_ids, TaskStatus.REVOKED.value)
-        if event.cutoff is not None:
-            self.cut_off(event.agent_id, event.cutoff)
-
-    @classmethod
-    async def load(cls, db: Database, now: float) -> DenyState:
-        state = cls(revoked_jtis=set(await repo.live_revoked_credentials(db, now)))
-        rows = await db.fetch(
-            "SELECT DISTINCT t.id AS id, t.status AS status FROM tasks t"
-            " JOIN credentials c ON c.task_id = t.id"
-            " WHERE t.closed_at IS NOT NULL AND c.expires_at > ?",
-            now,
-        )
-        state.closed_tasks = {r["id"]: r["status"] for r in rows}
-        for agent_id, cutoff in await repo.cutoffs(db):
-            state.cut_off(agent_id, cutoff)
-        return state
 
 
 @dataclass(frozen=True)
@@ -138,7 +77,11 @@ class Revoker:
         source: RevocationSource,
         idempotency_key: str | None = None,
     ) -> tuple[RevocationView, bool]:
-        """Like :meth:`revoke`; also says whether this call created the revocation."""
+        """Like :meth:`revoke`; also says whether this call created the revocation.
+
+        A credential or task that is already dead is not revoked again: the answer is
+        the revocation that ended it, and nothing is written (not created).
+        """
         if idempotency_key is not None:
             existing = await repo.revocation_by_idempotency_key(self.db, idempotency_key)
             if existing is not None:
@@ -146,6 +89,8 @@ class Revoker:
         try:
             async with self.db.transaction() as tx:
                 revoked = await self._revoke_in(tx, target, reason, actor, source, idempotency_key)
+                if isinstance(revoked, RevocationView):
+                    return revoked, False
         except Exception as exc:
             # Two callers racing with one key: the loser returns the winner's revocation.
             if idempotency_key is None or not is_unique_violation(exc):
@@ -165,7 +110,9 @@ class Revoker:
         actor: str,
         source: RevocationSource,
         idempotency_key: str | None,
-    ) -> Revoked:
+    ) -> Revoked | RevocationView:
+        """Revoke in ``tx``; a :class:`RevocationView` instead means the target was
+        already dead (this changed nothing) and that revocation ended it."""
         now = self.clock.now()
         agent_id: str | None = None
         task_id: str | None = None
@@ -182,6 +129,12 @@ class Revoker:
                     raise NotFound("no credential with that jti")
                 task_id = row["task_id"]
                 creds = await repo.revoke_credential(tx, hashed, at=now)
+                if creds == 0:  # revoked before: by its jti, its task, agent or a cut-off
+                    ended = await repo.revocation_that_ended(
+                        tx, task_id=row["task_id"], jti_hash=hashed
+                    )
+                    if ended is not None:
+                        return ended
             case TaskTarget(task_id=tid):
                 task = await repo.get_task(tx, tid)
                 if task is None:
@@ -196,11 +149,20 @@ class Revoker:
                     )
                     closed = children
                     task_ids = [tid, *children]
+                    creds = await repo.revoke_credentials_of_tasks(tx, tree, at=now)
                 else:
-                    await repo.close_tasks(tx, tree, TaskStatus.REVOKED, at=now, reason=reason)
+                    changed = await repo.close_tasks(
+                        tx, tree, TaskStatus.REVOKED, at=now, reason=reason
+                    )
                     closed = tree
                     task_ids = tree
-                creds = await repo.revoke_credentials_of_tasks(tx, tree, at=now)
+                    creds = await repo.revoke_credentials_of_tasks(tx, tree, at=now)
+                    # The counts come from the UPDATEs themselves, so two racing revocations
+                    # of one task cannot both see it alive: the second finds nothing to do.
+                    if changed == 0 and creds == 0:
+                        ended = await repo.revocation_that_ended(tx, task_id=tid)
+                        if ended is not None:
+                            return ended
             case AgentTarget(agent_id=aid):
                 agent = await repo.get_agent(tx, aid)
                 if agent is None:

@@ -26,11 +26,11 @@ from service.contracts import (
     TaskView,
 )
 from service.credentials import rfc9068
-from service.errors import ClientError, Conflict, NotFound, ScopeViolation
-from service.events import TaskEvent, TaskEventKind
-from service.identity import new_task_id, task_spiffe_id
+from service.kernel.errors import ClientError, Conflict, NotFound, ScopeViolation
+from service.kernel.events import TaskEvent, TaskEventKind
+from service.kernel.ids import new_task_id, task_spiffe_id
+from service.kernel.scopes import ScopeSpec, excess, validate
 from service.propagation import enqueue_task_event
-from service.scopes import ScopeSpec, excess, validate
 from service.storage import repository as repo
 from service.storage.database import Database
 
@@ -108,12 +108,12 @@ async def open_task(
     if scope.limits.deadline is not None:
         caps.append(scope.limits.deadline)
     actor_chain: dict[str, Any] | None = None
-    exp_cap = None
+    exp_cap: int | None = None
     if parent is not None:
         assert principal.token is not None
         _check_within(scope, parent.scope, "parent task's scope")
         caps.append(parent.deadline)
-        exp_cap = principal.token.exp
+        exp_cap = math.floor(principal.token.exp)
         actor_chain = await _actor_chain(services.db, parent.id)
     dpop_jkt = request.dpop_jkt
     if parent is not None and parent.dpop_jkt is not None:

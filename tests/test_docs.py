@@ -17,7 +17,7 @@ from prometheus_client.metrics_core import Metric
 
 from service.app import create_app
 from service.config import Settings, describe
-from service.errors import KillSwitchError
+from service.kernel.errors import KillSwitchError
 from service.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from service.api.sse import HEARTBEAT_SECONDS, alert_stream
 from service.api.strict import authenticate_guard
 from service.auth import ACK, READ, require_operator
 from service.contracts import AckAlert, AlertView, Page, TimelinePoint
-from service.events import Severity
+from service.kernel.events import Severity
 from service.storage import repository as repo
 
 AlertPath = Annotated[str, Parameter(description="The alert's alert_id", max_length=128)]

@@ -16,12 +16,17 @@ from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from service.errors import AuthenticationError, KillSwitchError, TokenRejected
+from service.kernel.errors import (
+    PROBLEM_TYPE_PREFIX,
+    AuthenticationError,
+    KillSwitchError,
+    TokenRejected,
+)
 
 log = logging.getLogger("killswitch.api")
 
 PROBLEM_JSON = "application/problem+json"
-TYPE_PREFIX = "urn:killswitch:problem:"
+TYPE_PREFIX = PROBLEM_TYPE_PREFIX
 
 _HTTP_SLUGS = {
     400: ("bad-request", "Bad request"),

@@ -13,7 +13,7 @@ from litestar.response import ServerSentEventMessage
 
 from service.alerts import AlertMessage
 from service.core import Services
-from service.events import RevocationEvent, encoder
+from service.kernel.events import RevocationEvent, encoder
 from service.propagation import Hub
 from service.storage import repository as repo
 

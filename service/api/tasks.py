@@ -21,7 +21,7 @@ from service.contracts import (
     TaskStatus,
     TaskView,
 )
-from service.errors import NotFound
+from service.kernel.errors import NotFound
 from service.storage import repository as repo
 
 TaskPath = Annotated[str, Parameter(description="Task id", max_length=64)]

@@ -41,7 +41,7 @@ from service.contracts import (
     RevocationTarget,
     TaskTarget,
 )
-from service.errors import ClientError
+from service.kernel.errors import ClientError
 from service.storage import repository as repo
 
 Id = Annotated[str, Parameter(max_length=128)]

@@ -30,7 +30,7 @@ from service.contracts import (
     TaskTarget,
     TimelinePoint,
 )
-from service.errors import NotFound
+from service.kernel.errors import NotFound
 from service.storage import repository as repo
 
 ALERTS_ON_PAGE = 100

@@ -28,7 +28,7 @@ from service.console.web import (
     see_other,
     session_store,
 )
-from service.errors import PermissionDenied
+from service.kernel.errors import PermissionDenied
 from service.secrets_ import OPERATOR_TOKEN_PREFIX, hash_secret
 from service.storage import repository as repo
 

@@ -1,6 +1,6 @@
 """The console's edge plumbing: who is signed in, CSRF checks, form fields, error pages.
 
-Errors the console adds to the tree (service/errors.py), both mapped here to HTML pages
+Errors the console adds to the tree (service/kernel/errors.py), both mapped here to HTML pages
 rather than problem+json, because a browser shows them::
 
     AuthenticationError
@@ -35,7 +35,7 @@ from service.console.render import SECURITY_HEADERS, render
 from service.console.sessions import COOKIE_PATH, SESSION_COOKIE, Session, SessionStore
 from service.contracts import Role
 from service.core import Services
-from service.errors import AuthenticationError, KillSwitchError, PermissionDenied
+from service.kernel.errors import AuthenticationError, KillSwitchError, PermissionDenied
 from service.storage import repository as repo
 
 log = logging.getLogger("killswitch.console")

@@ -6,8 +6,9 @@ signer and deletes the old private key at once — it will never sign again — 
 public half stays in the JWKS until every token it signed has expired
 (``retired_at + credential_ttl + leeway``).
 
-The ``kid`` is the RFC 7638 thumbprint of the public key. Private key material never
-leaves this module except as an object handed to the signer, and is never logged.
+The ``kid`` is the RFC 7638 thumbprint of the public key. Signing (JWS compact
+serialization, RFC 7515 §7.1) happens here too, so private key material never leaves
+this module and is never logged.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from service.clock import Clock
 from service.contracts import KeyView
-from service.credentials.jwk import PrivateKey, PublicKey, load_public_jwk, public_jwk, thumbprint
-from service.errors import ClientError
+from service.kernel.clock import Clock
+from service.kernel.errors import ClientError
+from service.kernel.jwk import PrivateKey, PublicKey, load_public_jwk, public_jwk, thumbprint
+from service.kernel.jws import b64url, b64url_decode, der_to_raw, verify_signature
 
 
 class KeyMeta(msgspec.Struct, kw_only=True):
@@ -178,8 +180,6 @@ class KeyStore:
         signature check costs 3x the signing, and a key (and the code path around it)
         that produced a valid signature keeps doing so.
         """
-        from service.credentials.rfc9068 import sign, verify_own_signature
-
         verify_own_signature(sign({"probe": key.kid}, key), key)
 
     # -- use ----------------------------------------------------------------------------
@@ -237,3 +237,39 @@ class KeyStore:
             for k in sorted(self._keys.values(), key=lambda k: -k.meta.created_at)
             if self._published(k, now)
         ]
+
+
+# --------------------------------------------------------------------------- signing
+
+_header_cache: dict[str, bytes] = {}
+
+
+def _header(key: SigningKey) -> bytes:
+    cached = _header_cache.get(key.kid)
+    if cached is None:
+        header = {"alg": key.alg, "typ": "at+jwt", "kid": key.kid}
+        cached = b64url(msgspec.json.encode(header)).encode()
+        _header_cache[key.kid] = cached
+    return cached
+
+
+def sign(claims: dict[str, Any], key: SigningKey) -> str:
+    """JWS compact serialization (RFC 7515 §7.1) of ``claims`` under ``key``."""
+    private = key.private_key
+    if private is None:
+        raise RuntimeError(f"key {key.kid} is retired and cannot sign")
+    signing_input = _header(key) + b"." + b64url(msgspec.json.encode(claims)).encode()
+    if isinstance(private, ed25519.Ed25519PrivateKey):
+        signature = private.sign(signing_input)
+    else:
+        signature = der_to_raw(private.sign(signing_input, ec.ECDSA(hashes.SHA256())))
+    return signing_input.decode() + "." + b64url(signature)
+
+
+def verify_own_signature(token: str, key: SigningKey) -> None:
+    """The issuer checks what it just signed, so a broken key never reaches a client."""
+    signing_input, _, signature_b64 = token.rpartition(".")
+    if not verify_signature(
+        key.alg, key.public_key, signing_input.encode(), b64url_decode(signature_b64)
+    ):
+        raise RuntimeError(f"signing key {key.kid} produced an invalid signature")

@@ -1,11 +1,10 @@
 """RFC 7662 token introspection and RFC 7009 token revocation, decided here.
 
 Introspection (§2.2) answers ``{"active": false}`` and nothing else for any token that
-is malformed, unverifiable, expired, not yet valid, issued by someone else, not
-addressed to the calling resource server's audience (§4), revoked, of a completed,
-revoked or expired task, of a suspended agent, or issued before a cut-off. The
-database is asked last and is authoritative, so a fleet of service replicas agrees
-even before their in-memory deny states have caught up.
+is not live (``service.credentials.status``): malformed, unverifiable, expired, not yet
+valid, issued by someone else, not addressed to the calling resource server's audience
+(§4), revoked, of a completed, revoked or expired task, of a suspended agent, or issued
+before a cut-off.
 
 Revocation (RFC 7009 §2.2) always answers 200: the caller learns nothing about tokens
 it does not own.
@@ -13,52 +12,31 @@ it does not own.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from service.contracts import (
-    AgentStatus,
-    CredentialTarget,
-    Introspection,
-    RevocationSource,
-    TaskStatus,
-)
-from service.credentials.rfc9068 import VerifiedToken
-from service.errors import NotFound, TokenRejected
+from service.auth import Principal
+from service.contracts import CredentialTarget, Introspection, RevocationSource
+from service.credentials.status import StatusDeps, live_token
+from service.kernel.errors import NotFound, TokenRejected
+from service.metrics import Metrics
+from service.revocation import Revoker
 
-if TYPE_CHECKING:
-    from service.auth import Principal
-    from service.core import Services
+
+class IntrospectionDeps(StatusDeps, Protocol):
+    """What introspection and RFC 7009 revocation need from the running service."""
+
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def revoker(self) -> Revoker: ...
+
 
 INACTIVE = Introspection(active=False)
 
 
-async def live_token(services: Services, token: str, *, audience: str | None) -> VerifiedToken:
-    """Verify ``token`` and its status; raises TokenRejected with the reason."""
-    verified = services.verifier.verify(token, audience=audience)
-    reason = services.deny.reason_denied(verified)
-    if reason is not None:
-        raise TokenRejected(reason)
-    row = await services.db.fetchrow(
-        "SELECT c.revoked_at AS revoked_at, t.status AS task_status, t.deadline AS deadline,"
-        " t.agent_id AS agent_id, a.status AS agent_status FROM credentials c"
-        " JOIN tasks t ON t.id = c.task_id JOIN agents a ON a.id = t.agent_id"
-        " WHERE c.jti_hash = ?",
-        verified.jti_hash,
-    )
-    if row is None or row["agent_id"] != verified.agent_id:
-        raise TokenRejected("credential unknown to this issuer")
-    if row["revoked_at"] is not None:
-        raise TokenRejected("credential revoked")
-    if row["task_status"] != TaskStatus.ACTIVE.value:
-        raise TokenRejected(f"task {row['task_status']}")
-    if row["deadline"] <= services.clock.now():
-        raise TokenRejected("task expired")
-    if row["agent_status"] != AgentStatus.ACTIVE.value:
-        raise TokenRejected("agent suspended")
-    return verified
-
-
-async def introspect(services: Services, token: str, *, audience: str | None) -> Introspection:
+async def introspect(
+    services: IntrospectionDeps, token: str, *, audience: str | None
+) -> Introspection:
     try:
         v = await live_token(services, token, audience=audience)
     except TokenRejected:
@@ -73,8 +51,8 @@ async def introspect(services: Services, token: str, *, audience: str | None) ->
         sub=c["sub"],
         aud=list(v.audiences),
         iss=c["iss"],
-        exp=v.exp,
-        iat=v.iat,
+        exp=int(v.exp),
+        iat=int(v.iat),
         nbf=c.get("nbf"),
         jti=v.jti,
         token_type="DPoP" if "cnf" in c else "Bearer",
@@ -82,7 +60,7 @@ async def introspect(services: Services, token: str, *, audience: str | None) ->
     )
 
 
-async def revoke_token(services: Services, principal: Principal, token: str) -> None:
+async def revoke_token(services: IntrospectionDeps, principal: Principal, token: str) -> None:
     """RFC 7009 §2.1: agents may revoke their own tokens; operators with revoke rights any."""
     try:
         verified = services.verifier.verify(token)

@@ -5,13 +5,15 @@ imports litestar or the database (``tests/sdk/test_imports.py`` checks it).
 
 * :class:`Guard` (``service.sdk.guard``) — verify, enforce scope, honour revocations,
   report usage; :class:`GuardMiddleware` (``service.sdk.asgi``) wraps any ASGI app.
-* :class:`KafkaRevocationFeed` / :class:`SseRevocationFeed` (``service.sdk.revocations``).
+* :class:`KafkaRevocationFeed` / :class:`SseRevocationFeed` (``service.sdk.revocations``),
+  filling the kernel's :class:`DenyState`.
 * :class:`UsageEmitter` (``service.sdk.usage``).
 * :class:`KillSwitchClient` (``service.sdk.client``) — ``async with client.task(...)``.
 
 See docs/sdk.md.
 """
 
+from service.kernel.deny import DenyState
 from service.sdk.asgi import GuardMiddleware
 from service.sdk.client import (
     ConflictError,
@@ -24,16 +26,12 @@ from service.sdk.client import (
     Unauthenticated,
 )
 from service.sdk.guard import Guard, Outcome, Verdict
-from service.sdk.revocations import (
-    KafkaRevocationFeed,
-    RevocationFeed,
-    RevocationState,
-    SseRevocationFeed,
-)
+from service.sdk.revocations import KafkaRevocationFeed, RevocationFeed, SseRevocationFeed
 from service.sdk.usage import UsageEmitter
 
 __all__ = [
     "ConflictError",
+    "DenyState",
     "Forbidden",
     "Guard",
     "GuardMiddleware",
@@ -43,7 +41,6 @@ __all__ = [
     "NotFoundError",
     "Outcome",
     "RevocationFeed",
-    "RevocationState",
     "ScopeRejected",
     "SseRevocationFeed",
     "TaskCredential",

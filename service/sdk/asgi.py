@@ -29,11 +29,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from typing import Any, Final
 
-import msgspec
-
-from service.events import Source
+from service.kernel.errors import (
+    PROBLEM_TYPE_PREFIX,
+    KillSwitchError,
+    PermissionDenied,
+    RevocationStateUnavailable,
+    TokenRejected,
+)
+from service.kernel.events import Source
 from service.sdk.guard import Guard, Outcome, Verdict
 
 __all__ = ["GuardMiddleware", "default_action", "default_resource"]
@@ -44,19 +49,17 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-PROBLEM_TYPE = "urn:killswitch:problem:"
-_TITLES = {
-    401: ("token-rejected", "Token rejected"),
-    403: ("forbidden", "Forbidden"),
-    503: ("revocation-state-unavailable", "Revocation state unavailable"),
+# Each outcome answers as the kernel's error of that kind: its status, slug and title.
+_ERRORS: Final[dict[Outcome, type[KillSwitchError]]] = {
+    Outcome.INVALID: TokenRejected,
+    Outcome.FORBIDDEN: PermissionDenied,
+    Outcome.REVOKED: PermissionDenied,
+    Outcome.UNAVAILABLE: RevocationStateUnavailable,
 }
 
-_STATUS = {
-    Outcome.INVALID: 401,
-    Outcome.FORBIDDEN: 403,
-    Outcome.REVOKED: 403,
-    Outcome.UNAVAILABLE: 503,
-}
+
+# Decoded path characters that would change how the resource URL parses: re-escaped.
+_PATH_ESCAPES: Final = {code: f"%{code:02X}" for code in (*b"%?#", *range(0x20), 0x7F)}
 
 
 def default_action(scope: Scope) -> str:
@@ -70,6 +73,13 @@ def default_resource(scope: Scope) -> str:
 
     The host comes from the ``Host`` header; behind a proxy, or if one app answers for
     several names, pass ``resource_for`` with a fixed origin instead.
+
+    ASGI gives the path percent-decoded, as the app will route it. It is re-escaped where
+    a decoded character would change how the URL parses (``%``, ``?``, ``#``, ASCII
+    controls), so the guard sees the path the app sees: ``/a%2F..%2Fb`` arrives as
+    ``/a/../b`` and is refused for its dot-segment, ``/a%3F/../b`` arrives as ``/a?/../b``
+    and stays a path. A ``resource_for`` of your own should do the same (or use
+    ``raw_path`` verbatim).
     """
     host = ""
     for name, value in scope.get("headers", ()):
@@ -80,11 +90,10 @@ def default_resource(scope: Scope) -> str:
         server_host, port = scope["server"]
         host = f"{server_host}:{port}" if port not in (None, 80, 443) else server_host
     scheme = scope.get("scheme", "http")
-    return f"{scheme}://{host}{scope.get('root_path', '')}{scope['path']}"
-
-
-def _has_dot_segments(path: str) -> bool:
-    return any(segment in (".", "..") for segment in path.split("/"))
+    path = f"{scope.get('root_path', '')}{scope['path']}"
+    if "%" in path or "?" in path or "#" in path or not path.isprintable():
+        path = path.translate(_PATH_ESCAPES)
+    return f"{scheme}://{host}{path}"
 
 
 class GuardMiddleware:
@@ -122,12 +131,9 @@ class GuardMiddleware:
         if token is None:
             verdict = Verdict(allowed=False, reason="missing token", outcome=Outcome.INVALID)
         else:
+            # A dot-segment or encoded slash in the path is refused by the guard itself
+            # (service.kernel.resources), as "out of scope": 403 insufficient_scope.
             verdict = await guard.check(token, action, resource, emit=False)
-            if verdict.allowed and _has_dot_segments(scope["path"]):
-                # Patterns match the path as given: '..' could climb out of a granted prefix.
-                verdict = msgspec.structs.replace(
-                    verdict, allowed=False, reason="non-canonical path", outcome=Outcome.FORBIDDEN
-                )
         if verdict.allowed:
             await self._forward(scope, receive, send, verdict, action, resource, source)
             return
@@ -166,12 +172,12 @@ class GuardMiddleware:
             await send({"type": "websocket.close", "code": 1008, "reason": verdict.reason[:120]})
             return 0
         outcome = verdict.outcome
-        status = _STATUS[outcome]
-        slug, title = _TITLES[status]
+        error = _ERRORS[outcome]
+        status = error.status
         body = json.dumps(
             {
-                "type": PROBLEM_TYPE + slug,
-                "title": title,
+                "type": PROBLEM_TYPE_PREFIX + error.type_slug,
+                "title": error.title,
                 "status": status,
                 "detail": verdict.reason,
                 "instance": scope["path"],

@@ -1,25 +1,29 @@
 """The guard: decides, at a resource server, whether a killswitch credential may do this.
 
-``Guard.check_sync(token, action, resource)`` runs, in order:
+``Guard.check_sync(token, action, resource)`` runs, in order — every rule from the
+enforcement kernel (``service.kernel``), so the guard, the service and the detector
+decide alike:
 
-1. **Verify** (first sight of a token only — RFC 9068 §4 and RFC 7515 §5.2): compact JWS
-   with three parts; header ``typ`` ``at+jwt`` (§4 item 1), ``alg`` EdDSA or ES256 and
-   equal to the algorithm of the ``kid``'s key in the issuer's JWKS (refetched, rate
-   limited, when a ``kid`` is unknown: key rotation); signature; ``iss`` equal to the
-   issuer (§4 item 3); ``aud`` containing this guard's audience (§4 item 4); ``exp`` and
-   ``nbf`` with leeway, ``iat`` not in the future; the task and scope claims well formed.
-   A verified token is cached by its exact string until it expires, with its scope
-   precompiled (``service.scopes.compile_scope``).
+1. **Verify** (first sight of a token only): ``service.kernel.tokens`` — compact JWS,
+   header ``typ`` ``at+jwt``, ``alg`` EdDSA or ES256 and equal to the algorithm of the
+   ``kid``'s key in the issuer's JWKS (refetched, rate limited, when a ``kid`` is
+   unknown: key rotation), signature, ``iss``, ``aud`` containing this guard's audience,
+   ``exp``/``nbf``/``iat`` with leeway, the task and scope claims well formed. A verified
+   token is cached by its exact string until it expires, with its scope precompiled.
 2. **Expiry** against the injected clock (cached tokens too).
 3. **Fail closed**: deny with ``revocation feed not ready`` / ``revocation feed stale``
-   when the feed has not finished its replay or has not been heard from for
-   ``max_staleness`` seconds.
-4. **Revocation** state (revoked jti, closed task, global and per-agent cut-offs).
-5. **Scope**: ``CompiledScope.covers(action, resource)``.
+   when the feed has not finished its replay (or is replaying after a reset of its log)
+   or has had no proof of life for ``max_staleness`` seconds.
+4. **Revocation**: the kernel's ``DenyState`` (revoked jti, closed task, global and
+   per-agent cut-offs).
+5. **Scope**: ``CompiledScope.check(action, resource)``, which canonicalises the
+   resource first (``service.kernel.resources``: a dot-segment or an encoded slash is
+   refused as out of scope).
 
-The cached path is synchronous and allocation-light (dictionary hits, one regex match,
-one ``UsageEvent``). Every check emits exactly one ``UsageEvent`` (allowed or denied, with
-the reason) through :class:`~service.sdk.usage.UsageEmitter`, which never blocks.
+The cached path is synchronous and allocation-light (dictionary hits, a remembered or
+one regex scope decision, one ``UsageEvent``). Every check emits exactly one
+``UsageEvent`` (allowed or denied, with the reason) through
+:class:`~service.sdk.usage.UsageEmitter`, which never blocks.
 
 The guard never raises for a bad token: it returns a :class:`Verdict`. It imports
 nothing from litestar or the database.
@@ -29,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import logging
 import os
@@ -42,29 +45,33 @@ from typing import Any, Final
 
 import httpx
 import msgspec
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from service.credentials.jwk import PublicKey, b64url_decode, load_public_jwk
-from service.errors import KillSwitchError
-from service.events import Decision, Source, UsageEvent
-from service.scopes import CompiledScope, compile_scope, from_scope_claim
-from service.sdk.revocations import RevocationFeed, RevocationState, jti_key
+from service.kernel import tokens
+from service.kernel.deny import DenyState, jti_key
+from service.kernel.errors import KillSwitchError, TokenRejected
+from service.kernel.events import Decision, Source, UsageEvent
+from service.kernel.jwk import PublicKey, load_public_jwk
+from service.kernel.jws import ALGORITHMS
+from service.kernel.scopes import CompiledScope, compile_scope
+from service.kernel.tokens import MAX_TOKEN_LENGTH, TOKEN_TYPES, UNKNOWN_KID, jti_hash
+from service.sdk.revocations import KafkaRevocationFeed, RevocationFeed
 from service.sdk.usage import UsageEmitter
 
-__all__ = ["ALGORITHMS", "TOKEN_TYPES", "Guard", "Outcome", "Verdict"]
+__all__ = [
+    "ALGORITHMS",
+    "MAX_TOKEN_LENGTH",
+    "TOKEN_TYPES",
+    "UNKNOWN_KID",
+    "Guard",
+    "Outcome",
+    "Verdict",
+]
 
 log = logging.getLogger("killswitch.sdk.guard")
 
-TOKEN_TYPES: Final = frozenset({"at+jwt", "application/at+jwt"})
-ALGORITHMS: Final = frozenset({"EdDSA", "ES256"})
-MAX_TOKEN_LENGTH: Final = 16_384
-_TEXT_MAX: Final = 2048  # service.events.Text: longer fields would dead-letter the event
+_TEXT_MAX: Final = 2048  # service.kernel.events.Text: longer fields would dead-letter the event
 _UNKNOWN: Final = "-"
 _NO_SOURCE: Final = Source()
-UNKNOWN_KID: Final = "unknown signing key (kid)"
 
 
 class Outcome(StrEnum):
@@ -140,13 +147,6 @@ class _Entry:
         )
 
 
-class _Rejected(Exception):
-    def __init__(self, reason: str, *, cacheable: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.cacheable = cacheable
-
-
 def default_guard_id() -> str:
     return f"{socket.gethostname()}/{os.getpid()}"
 
@@ -180,6 +180,9 @@ class Guard:
         self.feed = feed
         self.jwks_url = jwks_url or f"{self.issuer}/.well-known/jwks.json"
         self.max_staleness = max_staleness
+        if isinstance(feed, KafkaRevocationFeed):
+            # Several proofs of life per staleness bound, or a healthy feed would flap.
+            feed.verify_interval = min(feed.verify_interval, max_staleness / 4)
         self.usage = usage
         self.cache_size = cache_size
         self.leeway = leeway
@@ -187,11 +190,11 @@ class Guard:
         self.guard_id = guard_id or default_guard_id()
         self.jwks_fetches = 0
         self._clock = clock
-        self._state: RevocationState = feed.state
+        self._state: DenyState = feed.state
         self._http = http
         self._own_http = http is None
         self._keys: dict[str, tuple[str, PublicKey]] = {}
-        self._headers: dict[str, tuple[str, str]] = {}
+        self._headers: dict[str, tokens.TokenHeader] = {}
         self._cache: dict[str, _Entry] = {}
         self._rejected: dict[str, tuple[Verdict, float]] = {}
         self._last_fetch = float("-inf")
@@ -369,14 +372,10 @@ class Guard:
                 dead := state.reason_denied_key(entry.key, entry.task_id, entry.agent_id, entry.iat)
             ) is not None:
                 verdict = entry.verdict(False, dead, Outcome.REVOKED)
-            elif entry.scope.covers(action, resource):
+            elif (why := entry.scope.check(action, resource)) is None:
                 verdict = entry.allow
             else:
-                verdict = entry.verdict(
-                    False,
-                    f"out of scope: {action} {resource[:200]} is outside the scope",
-                    Outcome.FORBIDDEN,
-                )
+                verdict = entry.verdict(False, why, Outcome.FORBIDDEN)
         if emit:
             self.record(verdict, action, resource, bytes_out=bytes_out, source=source)
         return verdict
@@ -427,22 +426,24 @@ class Guard:
                 return verdict
             del self._rejected[token]
         try:
-            claims = self._verify_signature(token)
-        except _Rejected as exc:
+            header, claims = tokens.verify_jws(token, self._key, header_cache=self._headers)
+        except TokenRejected as exc:
+            if exc.detail == UNKNOWN_KID:
+                self._schedule_refetch()
             verdict = Verdict(
                 allowed=False,
-                reason=exc.reason,
+                reason=exc.detail,
                 outcome=Outcome.INVALID,
-                jti_hash=hashlib.sha256(token.encode()).hexdigest(),
+                jti_hash=jti_hash(token),
             )
-            if exc.cacheable:
+            if exc.permanent:
                 self._remember_rejection(token, verdict, now)
             return verdict
         try:
-            entry = self._entry(claims, now)
-        except _Rejected as exc:
-            verdict = _attributed(claims, exc.reason, token)
-            if exc.cacheable:
+            entry = self._entry(header.kid, claims, now)
+        except TokenRejected as exc:
+            verdict = _attributed(claims, exc.detail, token)
+            if exc.permanent:
                 self._remember_rejection(token, verdict, now)
             return verdict
         cache = self._cache
@@ -451,110 +452,23 @@ class Guard:
         cache[token] = entry
         return entry
 
-    def _verify_signature(self, token: str) -> dict[str, Any]:
-        """RFC 7515 §5.2 for a compact JWS, with RFC 9068 §4's header rules."""
-        if not token:
-            raise _Rejected("missing token")
-        if len(token) > MAX_TOKEN_LENGTH:
-            raise _Rejected("malformed token: too long")
-        parts = token.split(".")
-        if len(parts) != 3:
-            raise _Rejected("malformed token: not a compact JWS", cacheable=True)
-        header_b64, payload_b64, signature_b64 = parts
-        header = self._headers.get(header_b64)
-        if header is None:
-            header = self._parse_header(header_b64)
-        alg, kid = header
-        found = self._keys.get(kid)
-        if found is None:
-            self._schedule_refetch()
-            raise _Rejected(UNKNOWN_KID)
-        key_alg, key = found
-        if alg != key_alg:
-            raise _Rejected(f"algorithm {alg} is not the key's ({key_alg})", cacheable=True)
-        try:
-            signature = b64url_decode(signature_b64)
-            signing_input = token[: len(header_b64) + 1 + len(payload_b64)].encode("ascii")
-            if isinstance(key, ed25519.Ed25519PublicKey):
-                key.verify(signature, signing_input)
-            else:
-                if len(signature) != 64:  # RFC 7518 §3.4: R || S, 32 bytes each
-                    raise InvalidSignature
-                r = int.from_bytes(signature[:32], "big")
-                s = int.from_bytes(signature[32:], "big")
-                key.verify(encode_dss_signature(r, s), signing_input, ec.ECDSA(hashes.SHA256()))
-        except (InvalidSignature, ValueError, UnicodeEncodeError):
-            raise _Rejected("invalid signature", cacheable=True) from None
-        try:
-            claims = msgspec.json.decode(b64url_decode(payload_b64))
-        except (msgspec.DecodeError, ValueError):
-            raise _Rejected("malformed token: payload is not JSON", cacheable=True) from None
-        if not isinstance(claims, dict):
-            raise _Rejected("malformed token: payload is not an object", cacheable=True)
-        return claims
+    def _key(self, kid: str) -> tuple[str, PublicKey] | None:
+        return self._keys.get(kid)
 
-    def _parse_header(self, header_b64: str) -> tuple[str, str]:
-        try:
-            header = msgspec.json.decode(b64url_decode(header_b64))
-        except (msgspec.DecodeError, ValueError):
-            raise _Rejected("malformed token: header is not JSON", cacheable=True) from None
-        if not isinstance(header, dict):
-            raise _Rejected("malformed token: header is not an object", cacheable=True)
-        if header.get("typ") not in TOKEN_TYPES:
-            raise _Rejected("token type must be at+jwt (RFC 9068 §4)", cacheable=True)
-        alg, kid = header.get("alg"), header.get("kid")
-        if alg not in ALGORITHMS:
-            raise _Rejected(f"algorithm {alg!r} not accepted", cacheable=True)
-        if not isinstance(kid, str) or not isinstance(alg, str):
-            raise _Rejected("malformed token: no kid", cacheable=True)
-        if "crit" in header:
-            # RFC 7515 §4.1.11: we understand no extension, so a critical one must fail.
-            raise _Rejected("unsupported critical JOSE header", cacheable=True)
-        if len(self._headers) < 256:
-            self._headers[header_b64] = (alg, kid)
-        return alg, kid
-
-    def _entry(self, claims: dict[str, Any], now: float) -> _Entry:
-        """RFC 9068 §4 items 3-5 plus killswitch's task and scope claims."""
-        if claims.get("iss") != self.issuer:
-            raise _Rejected("wrong issuer", cacheable=True)
-        aud = claims.get("aud")
-        audiences = (aud,) if isinstance(aud, str) else aud
-        if not isinstance(audiences, list | tuple) or not all(
-            isinstance(a, str) for a in audiences
-        ):
-            raise _Rejected("malformed token: aud", cacheable=True)
-        if self.audience not in audiences:
-            raise _Rejected("token not issued for this audience", cacheable=True)
-        exp = _number(claims, "exp")
-        iat = _number(claims, "iat")
-        nbf = _number(claims, "nbf") if "nbf" in claims else iat
-        if exp <= now - self.leeway:
-            raise _Rejected("token expired")
-        if nbf > now + self.leeway:
-            raise _Rejected("token not yet valid")
-        if iat > now + self.leeway:
-            raise _Rejected("token issued in the future")
-        jti, agent_id, task = claims.get("jti"), claims.get("client_id"), claims.get("task")
-        if not (isinstance(jti, str) and jti and isinstance(agent_id, str) and agent_id):
-            raise _Rejected("malformed token: jti and client_id must be strings", cacheable=True)
-        if not isinstance(task, dict) or not isinstance(task.get("id"), str):
-            raise _Rejected("malformed token: task claim", cacheable=True)
-        scope_claim = claims.get("scope", "")
-        if not isinstance(scope_claim, str):
-            raise _Rejected("malformed token: scope must be a string", cacheable=True)
-        try:
-            scope = compile_scope(from_scope_claim(scope_claim, tuple(audiences)))
-        except KillSwitchError as exc:
-            raise _Rejected(f"invalid scope claim: {exc.detail}", cacheable=True) from None
+    def _entry(self, kid: str, claims: dict[str, Any], now: float) -> _Entry:
+        """The kernel's claim rules (``service.kernel.tokens``), then the scope claim."""
+        checked = tokens.check_claims(
+            claims, kid=kid, issuer=self.issuer, audience=self.audience, now=now, leeway=self.leeway
+        )
+        scope = compile_scope(checked.scope_spec)
         return _Entry(
             claims,
             scope,
-            expires=exp + self.leeway,
-            jti_hash=hashlib.sha256(jti.encode()).hexdigest(),
-            task_id=task["id"],
-            agent_id=agent_id,
-            iat=iat,
+            expires=checked.exp + self.leeway,
+            jti_hash=checked.jti_hash,
+            task_id=checked.task_id,
+            agent_id=checked.agent_id,
+            iat=checked.iat,
         )
 
     def _remember_rejection(self, token: str, verdict: Verdict, now: float) -> None:
@@ -578,13 +492,6 @@ class Guard:
         return len(self._cache)
 
 
-def _number(claims: dict[str, Any], name: str) -> float:
-    value = claims.get(name)
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise _Rejected(f"malformed token: {name} must be a number", cacheable=True)
-    return value
-
-
 def _attributed(claims: dict[str, Any], reason: str, token: str) -> Verdict:
     """A denial for a token whose signature verified: its claims say who it was."""
     task = claims.get("task")
@@ -598,7 +505,5 @@ def _attributed(claims: dict[str, Any], reason: str, token: str) -> Verdict:
         outcome=Outcome.INVALID,
         agent_id=agent_id if isinstance(agent_id, str) and agent_id else _UNKNOWN,
         task_id=task_id if isinstance(task_id, str) and task_id else _UNKNOWN,
-        jti_hash=hashlib.sha256(
-            jti.encode() if isinstance(jti, str) else token.encode()
-        ).hexdigest(),
+        jti_hash=jti_hash(jti if isinstance(jti, str) else token),
     )

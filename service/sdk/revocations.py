@@ -1,30 +1,43 @@
 """Live revocation state for enforcement points, and the two feeds that keep it current.
 
-:class:`RevocationState` answers "is this verified credential dead?" in O(1) with the
-same semantics as the service's own ``service.revocation.DenyState``:
-
-* target ``credential`` → that jti hash is dead;
-* target ``task``       → every id in ``task_ids`` is closed (sub-tasks included);
-* target ``agent``      → credentials of ``agent_id`` with ``iat <= cutoff`` are dead
-  (and its ``task_ids`` closed);
-* target ``cutoff``     → credentials with ``iat <= cutoff`` are dead, for ``agent_id``
-  or for everyone when ``agent_id`` is None.
-
-Revocations only ever add to the state (nothing is un-revoked), so applying an event
-twice, or out of order, gives the same state: replaying a topic that was never compacted
-(tansu does not compact) is harmless.
-
-Two feeds fill it, both satisfying :class:`RevocationFeed`:
+The state is the kernel's :class:`~service.kernel.deny.DenyState` — the very rules the
+service applies to itself — so a guard and the service cannot disagree about what is
+dead. Two feeds fill it, both satisfying :class:`RevocationFeed`:
 
 * :class:`KafkaRevocationFeed` — replays the revocation topic from the beginning (no
-  consumer group: every guard sees every record), marks itself ready once it has reached
-  the end offsets captured at start, then follows the topic.
+  consumer group: every guard sees every record), then follows it. It is ready only once
+  it has reached the end offsets read when the replay began *and* has seen a
+  :class:`~service.kernel.events.FeedCheckpoint` — the service's word that the topic is
+  whole — so an empty, new or half-rebuilt topic never vouches for anything.
 * :class:`SseRevocationFeed` — follows ``GET /v1/revocations/stream`` for resource servers
   without Kafka access; resumes with ``Last-Event-ID`` after a disconnect.
 
+**Fail closed, and know when the log was reset.** The Kafka feed goes not-ready, replays
+from the start and only then allows again when it finds that the log under it changed:
+
+* the high-water mark a fetch reports is below the feed's position (a broker that
+  restarted empty, a topic recreated and shorter), or the topic is no longer listed;
+* the broker answers "offset out of range" (auto reset is off: nothing is skipped
+  silently);
+* a checkpoint of a *different* epoch arrives after the feed was ready (the service
+  rebuilt the topic: records before the feed's position may be new).
+
+Any other error (a dropped connection, a broker away for a while) is not a reset: the
+feed reconnects and resumes at the position it had reached, still ready, and goes stale
+if the outage outlasts the guard's bound; resuming there is what makes a reset that
+happened meanwhile visible.
+
+A record that does not decode (junk bytes, truncated JSON, wrong types, a newer schema)
+is skipped and counted in :attr:`_FeedBase.skipped` by reason — it never stops the feed.
+
 A feed's ``last_heard`` is the ``time.monotonic()`` of the last proof that the source is
-alive (a completed Kafka fetch, even an empty one; an SSE event or heartbeat). The guard
-fails closed when it is older than its staleness bound.
+alive *and consistent*: for Kafka, a completed fetch (even an empty one) whose high-water
+mark is not below the feed's position, on a topic that broker metadata listed within the
+last ``2 × verify_interval`` seconds; for SSE, an event or heartbeat. The guard fails
+closed when it is older than its staleness bound.
+
+Ready means caught up to the high-water mark a fetch reported *after* the replay began
+(``ListOffsets`` is not used: tansu answers it with a count of batches, not records).
 
 This module imports nothing from litestar or the database.
 """
@@ -36,116 +49,40 @@ import contextlib
 import logging
 import random
 import time
+from collections import Counter
 from typing import Any, Protocol
 
 import httpx
 import msgspec
-from aiokafka.errors import KafkaError
+from aiokafka.errors import OffsetOutOfRangeError
 from aiokafka.structs import TopicPartition
 
 from service import kafka
 from service.config import Settings
-from service.events import RevocationEvent
+from service.kernel.deny import DenyState
+from service.kernel.events import FeedCheckpoint, RevocationEvent, revocation_record_decoder
 from service.sdk.sse import SseParser
 
 __all__ = [
     "KafkaRevocationFeed",
     "RevocationFeed",
-    "RevocationState",
     "SseRevocationFeed",
-    "jti_key",
 ]
 
 log = logging.getLogger("killswitch.sdk.revocations")
 
-_revocation_decoder = msgspec.json.Decoder(RevocationEvent)
+#: Longest excerpt of a skip reason kept (the reason is msgspec's message).
+_REASON_CHARS = 200
 
 
-def jti_key(jti_hash: str) -> int | str:
-    """The in-memory form of a jti hash: its first 128 bits as an int.
-
-    A 64-character hex string costs ~113 bytes as ``str``; a 128-bit ``int`` costs 44.
-    Two distinct SHA-256 values share a 128-bit prefix with probability 2**-128 per pair,
-    and a collision could only deny (never allow) a credential. Anything that is not hex
-    is kept as given.
-    """
-    try:
-        return int(jti_hash[:32], 16)
-    except ValueError:
-        return jti_hash
-
-
-class RevocationState:
-    """What is dead, held in memory. Mirrors ``service.revocation.DenyState``."""
-
-    __slots__ = (
-        "agent_cutoffs",
-        "applied",
-        "closed_tasks",
-        "global_cutoff",
-        "last_seq",
-        "revoked_jtis",
-    )
-
-    def __init__(self) -> None:
-        self.revoked_jtis: set[int | str] = set()
-        self.closed_tasks: dict[str, str] = {}
-        self.agent_cutoffs: dict[str, float] = {}
-        self.global_cutoff = 0.0
-        self.last_seq = 0
-        """Highest ``seq`` applied (the SSE resume point)."""
-        self.applied = 0
-        """Events applied so far (duplicates included)."""
-
-    def apply(self, event: RevocationEvent) -> None:
-        status = "completed" if event.source == "task_end" else "revoked"
-        match event.target:
-            case "credential":
-                if event.jti_hash is not None:
-                    self.revoked_jtis.add(jti_key(event.jti_hash))
-            case "task":
-                pass
-            case "agent" | "cutoff":
-                at = event.cutoff if event.cutoff is not None else event.at
-                if event.target == "agent" and event.agent_id is None:
-                    log.warning("agent revocation %s without agent_id", event.revocation_id)
-                else:
-                    self.cut_off(event.agent_id, at)
-        for task_id in event.task_ids:
-            self.closed_tasks.setdefault(task_id, status)
-        self.last_seq = max(self.last_seq, event.seq)
-        self.applied += 1
-
-    def cut_off(self, agent_id: str | None, at: float) -> None:
-        if agent_id is None:
-            self.global_cutoff = max(self.global_cutoff, at)
-        else:
-            self.agent_cutoffs[agent_id] = max(self.agent_cutoffs.get(agent_id, 0.0), at)
-
-    def reason_denied(self, jti_hash: str, task_id: str, agent_id: str, iat: float) -> str | None:
-        """Why a credential is dead, or None. (The guard inlines this with a precomputed key.)"""
-        return self.reason_denied_key(jti_key(jti_hash), task_id, agent_id, iat)
-
-    def reason_denied_key(
-        self, key: int | str, task_id: str, agent_id: str, iat: float
-    ) -> str | None:
-        if key in self.revoked_jtis:
-            return "credential revoked"
-        status = self.closed_tasks.get(task_id)
-        if status is not None:
-            return f"task {status}"
-        if iat <= self.global_cutoff:
-            return "issued before the global cut-off"
-        cutoff = self.agent_cutoffs.get(agent_id)
-        if cutoff is not None and iat <= cutoff:
-            return "issued before the agent's cut-off"
-        return None
+class LogReset(Exception):
+    """The log under a running feed changed: replay from the start before allowing again."""
 
 
 class RevocationFeed(Protocol):
-    """A source of revocations that keeps a :class:`RevocationState` current."""
+    """A source of revocations that keeps a :class:`DenyState` current."""
 
-    state: RevocationState
+    state: DenyState
     ready: asyncio.Event
     """Set once everything revoked before the feed started has been applied."""
     last_heard: float
@@ -165,57 +102,84 @@ class RevocationFeed(Protocol):
 
 
 class _FeedBase:
-    def __init__(self, state: RevocationState | None) -> None:
-        self.state = state if state is not None else RevocationState()
+    def __init__(self, state: DenyState | None) -> None:
+        self.state = state if state is not None else DenyState()
         self.ready = asyncio.Event()
         self.last_heard = float("-inf")
-        self.undecodable = 0
+        self.skipped: Counter[str] = Counter()
+        """Records skipped because they did not decode, by reason (DLQ-style)."""
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def undecodable(self) -> int:
+        """How many records were skipped (all reasons)."""
+        return sum(self.skipped.values())
 
     def stale(self, now: float, bound: float) -> bool:
         return not self.ready.is_set() or now - self.last_heard > bound
 
-    def _apply_raw(self, raw: bytes) -> None:
+    def _decode(self, raw: bytes) -> RevocationEvent | FeedCheckpoint | None:
+        """The record, or None after counting why it was skipped. Never raises."""
         try:
-            event = _revocation_decoder.decode(raw)
-        except msgspec.ValidationError as exc:
-            # Not ours to dead-letter: the publisher's DLQ holds it. Counting is enough.
-            self.undecodable += 1
-            log.warning("undecodable revocation record skipped: %s", exc)
-            return
-        self.state.apply(event)
+            return revocation_record_decoder.decode(raw)
+        except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+            reason = str(exc)[:_REASON_CHARS] or type(exc).__name__
+        except Exception as exc:  # hostile input must never end the feed
+            reason = f"{type(exc).__name__}: {exc}"[:_REASON_CHARS]
+        # Not ours to dead-letter: the publisher's DLQ holds it. Counting is enough.
+        self.skipped[reason] += 1
+        log.warning("undecodable revocation record skipped: %s", reason)
+        return None
+
+    def _apply_raw(self, raw: bytes) -> FeedCheckpoint | None:
+        """Apply a revocation; return a checkpoint for the caller to judge."""
+        record = self._decode(raw)
+        if isinstance(record, RevocationEvent):
+            self.state.apply(record)
+            return None
+        return record
 
     async def _run(self) -> None:
         raise NotImplementedError
 
     async def start(self) -> None:
         if self._task is None:
+            self._stopping = False
             self._task = asyncio.create_task(self._run(), name=type(self).__name__)
 
     async def stop(self) -> None:
+        """Stop following (idempotent). Cancels until the task is gone: a cancellation
+        that lands inside a library's own timeout can come back as a ``TimeoutError``,
+        which the retry loop would otherwise take for a broker error."""
+        self._stopping = True
         task, self._task = self._task, None
-        if task is not None:
+        if task is None:
+            return
+        while not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=1.0)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("revocation feed ended with %r", task.exception())
 
 
 class KafkaRevocationFeed(_FeedBase):
     """Replays then follows the revocation topic with a group-less consumer.
 
-    Ready means: every partition's position has reached the end offset read when the
-    replay began (an empty topic is ready at once), so a guard that reports ready knows
-    everything revoked before it started. Each completed fetch refreshes ``last_heard``
-    (aiokafka's ``last_poll_timestamp`` moves even when the fetch brought nothing).
+    Ready means: every partition's position has reached the high-water mark of a fetch
+    made after the replay began, and a :class:`FeedCheckpoint` has been seen, so a guard
+    that reports ready knows everything revoked before it started. See the module
+    docstring for how a reset of the log is detected; :attr:`resets` counts them.
     """
 
     def __init__(
         self,
         settings: Settings,
         *,
-        state: RevocationState | None = None,
+        state: DenyState | None = None,
         client_id: str = "killswitch-guard",
         poll_ms: int = 100,
+        verify_interval: float = 0.5,
         consumer_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(state)
@@ -223,21 +187,48 @@ class KafkaRevocationFeed(_FeedBase):
         self.topic = settings.kafka_revocations_topic
         self.client_id = client_id
         self.poll_ms = poll_ms
+        self.verify_interval = verify_interval
         self.consumer_options = consumer_options or {}
         self.errors = 0
+        self.resets = 0
+        self.epoch: str | None = None
+        """Epoch of the newest checkpoint seen."""
+        self.last_reset_reason: str | None = None
+        self._resume: dict[TopicPartition, int] = {}
+        """Positions reached while ready: where a reconnect carries on."""
 
     async def _run(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._stopping:
             try:
                 await self._consume()
+            except LogReset as exc:
+                self._reset(str(exc))
+                backoff = 0.1
+                continue
             except asyncio.CancelledError:
-                raise
-            except (KafkaError, OSError) as exc:
-                self.errors += 1
-                log.warning("revocation feed error (%s); retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                if self._stopping or not kafka.cancellation_leaked():
+                    raise
+                problem = "the broker connection dropped"  # aiokafka's own cancellation
+            except Exception as exc:
+                # Whatever broke — the broker, the network, aiokafka itself: reconnect.
+                problem = f"{type(exc).__name__}: {exc}"
+            if self.ready.is_set():
+                backoff = 0.1  # it had been working: retry soon
+            # Still ready: nothing was forgotten. The next attempt resumes at the position
+            # reached, so a log that was reset meanwhile shows at once (a high-water mark
+            # below it, or offset out of range); a silent outage goes stale on its own.
+            self.errors += 1
+            log.warning("revocation feed: %s; reconnecting in %.1fs", problem, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def _reset(self, reason: str) -> None:
+        self.resets += 1
+        self.last_reset_reason = reason
+        self.ready.clear()
+        self._resume.clear()
+        log.warning("revocation log reset (%s): replaying %s from the start", reason, self.topic)
 
     async def _partitions(self, consumer: Any) -> list[TopicPartition]:
         while True:
@@ -247,42 +238,92 @@ class KafkaRevocationFeed(_FeedBase):
             log.warning("revocation topic %s does not exist yet", self.topic)
             await asyncio.sleep(0.5)
 
+    async def _check_log(self, consumer: Any, tps: list[TopicPartition]) -> bool:
+        """Raise :class:`LogReset` if a fetch saw a high-water mark below our position.
+
+        The high-water mark is the one the last *fetch* brought back, not ``ListOffsets``
+        (tansu answers that with a count of batches, not records). Returns whether every
+        partition has been fetched at least once and is caught up to that mark.
+        """
+        caught_up = True
+        for tp in tps:
+            high = consumer.highwater(tp)
+            position = await consumer.position(tp)
+            if high is None:
+                caught_up = False
+            elif high < position:
+                raise LogReset(f"high-water mark {high} below position {position} of {tp}")
+            elif position < high:
+                caught_up = False
+        return caught_up
+
+    async def _listed(self, consumer: Any, tps: list[TopicPartition]) -> None:
+        parts = await kafka.partitions_of(consumer, self.topic)
+        if {tp.partition for tp in tps} - parts:
+            raise LogReset("topic or partition gone")
+
     async def _consume(self) -> None:
-        options: dict[str, Any] = {"auto_offset_reset": "earliest", **self.consumer_options}
+        # No silent auto-reset: an out-of-range offset is a reset we must see.
+        options: dict[str, Any] = {"auto_offset_reset": "none", **self.consumer_options}
         consumer = kafka.consumer(self.settings, client_id=self.client_id, group_id=None, **options)
         await consumer.start()
         try:
             tps = await self._partitions(consumer)
             consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            end: dict[TopicPartition, int] = await consumer.end_offsets(tps)
-            self.last_heard = time.monotonic()
+            resume = self._resume if self.ready.is_set() else {}
+            if resume and set(resume) == set(tps):
+                for tp in tps:
+                    consumer.seek(tp, resume[tp])
+            else:
+                self.ready.clear()
+                await consumer.seek_to_beginning(*tps)
             polled: dict[TopicPartition, int | None] = dict.fromkeys(tps)
-            pending = {tp for tp in tps if end[tp] > 0}
-            if not pending:
-                self.ready.set()
+            checkpointed = False
+            replayed_from = self.state.applied
+            listed_at = time.monotonic()
             while True:
-                batch = await consumer.getmany(*tps, timeout_ms=self.poll_ms)
+                try:
+                    batch = await consumer.getmany(*tps, timeout_ms=self.poll_ms)
+                except OffsetOutOfRangeError as exc:
+                    raise LogReset(f"offset out of range: {exc}") from None
                 for records in batch.values():
                     for record in records:
-                        if record.value is not None:  # a tombstone revokes nothing
-                            self._apply_raw(record.value)
+                        if record.value is None:  # a tombstone revokes nothing
+                            continue
+                        checkpoint = self._apply_raw(record.value)
+                        if checkpoint is None:
+                            continue
+                        if self.ready.is_set() and checkpoint.epoch != self.epoch:
+                            self.epoch = checkpoint.epoch
+                            raise LogReset(f"topic rebuilt (epoch {checkpoint.epoch})")
+                        self.epoch = checkpoint.epoch
+                        checkpointed = True
+                caught_up = await self._check_log(consumer, tps)
+                if self.ready.is_set():
+                    for tp in tps:
+                        self._resume[tp] = await consumer.position(tp)
+                now = time.monotonic()
+                if now - listed_at >= self.verify_interval:
+                    await self._listed(consumer, tps)
+                    listed_at = now
+                # Proof of life: a fetch completed since the last look, on a log that is
+                # still listed and not behind us.
+                fetched = False
                 for tp in tps:
                     stamp = consumer.last_poll_timestamp(tp)
                     if stamp is not None and stamp != polled[tp]:
                         polled[tp] = stamp
-                        self.last_heard = time.monotonic()
-                if pending:
-                    for tp in list(pending):
-                        if await consumer.position(tp) >= end[tp]:
-                            pending.discard(tp)
-                    if not pending:
-                        self.ready.set()
-                        log.info(
-                            "revocation feed ready: %d events replayed from %s",
-                            self.state.applied,
-                            self.topic,
-                        )
+                        fetched = True
+                if fetched and now - listed_at < 2 * self.verify_interval:
+                    self.last_heard = now
+                if not self.ready.is_set() and caught_up and checkpointed:
+                    self.ready.set()
+                    log.info(
+                        "revocation feed ready: %d events replayed from %s (epoch %s)",
+                        self.state.applied - replayed_from,
+                        self.topic,
+                        self.epoch,
+                    )
         finally:
             with contextlib.suppress(Exception):
                 await consumer.stop()
@@ -305,7 +346,7 @@ class SseRevocationFeed(_FeedBase):
         service_url: str,
         token: str,
         *,
-        state: RevocationState | None = None,
+        state: DenyState | None = None,
         http: httpx.AsyncClient | None = None,
         max_backoff: float = 5.0,
         read_timeout: float = 10.0,
@@ -324,7 +365,7 @@ class SseRevocationFeed(_FeedBase):
         http = self._http or httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=self.read_timeout))
         backoff = 0.1
         try:
-            while True:
+            while not self._stopping:
                 try:
                     await self._follow(http)
                     backoff = 0.1  # a clean end (server restart, overflow): resume at once

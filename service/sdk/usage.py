@@ -23,7 +23,7 @@ from aiokafka.errors import KafkaError
 
 from service import kafka
 from service.config import Settings
-from service.events import UsageEvent, encoder
+from service.kernel.events import UsageEvent, encoder
 
 __all__ = ["UsageEmitter"]
 
@@ -127,7 +127,9 @@ class UsageEmitter:
                 for event in batch
             ]
             results = await asyncio.gather(*futures, return_exceptions=True)
-        except KafkaError as exc:
+        except (KafkaError, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and not kafka.cancellation_leaked():
+                raise
             self.failed += len(batch)
             log.warning("usage batch of %d lost: %s", len(batch), exc)
             return

@@ -146,6 +146,21 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "CREATE INDEX alerts_rule ON alerts (rule, seq)",
         ],
     ),
+    (
+        4,
+        "the revocation topic's checkpoint: where the service last made it whole",
+        [
+            """CREATE TABLE feed_checkpoints (
+                topic TEXT PRIMARY KEY,
+                epoch TEXT NOT NULL,
+                partition_id INTEGER NOT NULL,
+                record_offset BIGINT NOT NULL,
+                through_seq BIGINT NOT NULL,
+                republished INTEGER NOT NULL,
+                created_at {double} NOT NULL
+            )""",
+        ],
+    ),
 ]
 
 

@@ -27,8 +27,9 @@ from service.contracts import (
     TaskRecord,
     TaskStatus,
 )
-from service.events import AlertEvent, RevocationEvent, Severity
-from service.scopes import ScopeSpec
+from service.kernel.deny import DenyState
+from service.kernel.events import AlertEvent, RevocationEvent, Severity
+from service.kernel.scopes import ScopeSpec
 from service.storage.database import Database, Row
 
 _encode = msgspec.json.encode
@@ -432,6 +433,31 @@ async def revocation_by_idempotency_key(db: Database, key: str) -> RevocationVie
     return None if row is None else _revocation(row)
 
 
+async def revocation_that_ended(
+    db: Database, *, task_id: str, jti_hash: str | None = None
+) -> RevocationView | None:
+    """The first revocation that killed a credential (``jti_hash``) or closed the task
+    ``task_id`` (its ``task_ids`` name it: a task, agent or cut-off revocation, or the
+    task's completion), or None."""
+    if jti_hash is not None:
+        row = await db.fetchrow(
+            "SELECT * FROM revocations WHERE jti_hash = ? AND target_type = 'credential'"
+            " ORDER BY seq LIMIT 1",
+            jti_hash,
+        )
+        if row is not None:
+            return _revocation(row)
+    # task_ids is a JSON list: LIKE narrows it down (``_`` in an id only widens the match),
+    # the decoded list decides.
+    rows = await db.fetch(
+        "SELECT * FROM revocations WHERE task_ids LIKE ? ORDER BY seq", f'%"{task_id}"%'
+    )
+    for row in rows:
+        if task_id in _ids_decoder.decode(row["task_ids"]):
+            return _revocation(row)
+    return None
+
+
 def _revocation_event(row: Row) -> RevocationEvent:
     return RevocationEvent(
         revocation_id=row["id"],
@@ -465,6 +491,61 @@ async def revocation_event(db: Database, revocation_id: str) -> RevocationEvent:
     row = await db.fetchrow("SELECT * FROM revocations WHERE id = ?", revocation_id)
     assert row is not None
     return _revocation_event(row)
+
+
+async def revocations_that_matter(db: Database, now: float, leeway: float) -> list[RevocationEvent]:
+    """Every revocation that can still deny a live credential, in ``seq`` order.
+
+    A revocation committed at ``R`` only ever affects credentials issued before ``R``
+    (cut-offs name an earlier time still, and a closed task or a suspended agent gets no
+    new credential). So once every credential issued before ``R`` has expired, it can no
+    longer matter: keep those committed at or after the oldest issue time of any
+    credential still alive (with ``leeway`` on both ends, as guards allow).
+    """
+    row = await db.fetchrow(
+        "SELECT MIN(issued_at) AS oldest FROM credentials WHERE expires_at > ?", now - leeway
+    )
+    oldest = row["oldest"] if row is not None else None
+    if oldest is None:
+        return []
+    return await revocation_events_since(db, since=float(oldest) - leeway)
+
+
+async def max_revocation_seq(db: Database) -> int:
+    row = await db.fetchrow("SELECT MAX(seq) AS seq FROM revocations")
+    return int(row["seq"]) if row is not None and row["seq"] is not None else 0
+
+
+async def get_feed_checkpoint(db: Database, topic: str) -> Row | None:
+    return await db.fetchrow("SELECT * FROM feed_checkpoints WHERE topic = ?", topic)
+
+
+async def put_feed_checkpoint(
+    db: Database,
+    *,
+    topic: str,
+    epoch: str,
+    partition: int,
+    offset: int,
+    through_seq: int,
+    republished: int,
+    at: float,
+) -> None:
+    await db.execute(
+        "INSERT INTO feed_checkpoints (topic, epoch, partition_id, record_offset, through_seq,"
+        " republished, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (topic) DO UPDATE SET epoch = excluded.epoch,"
+        " partition_id = excluded.partition_id, record_offset = excluded.record_offset,"
+        " through_seq = excluded.through_seq, republished = excluded.republished,"
+        " created_at = excluded.created_at",
+        topic,
+        epoch,
+        partition,
+        offset,
+        through_seq,
+        republished,
+        at,
+    )
 
 
 # --------------------------------------------------------------------------- outbox
@@ -524,6 +605,28 @@ async def cutoffs(db: Database) -> list[tuple[str | None, float]]:
         " WHERE cutoff IS NOT NULL GROUP BY agent_id"
     )
     return [(r["agent_id"], float(r["cutoff"])) for r in rows]
+
+
+async def load_deny_state(db: Database, now: float, state: DenyState | None = None) -> DenyState:
+    """Fill the kernel's deny state from the database: what can still be alive at ``now``.
+
+    Revoked credentials not yet expired, closed tasks that still have an unexpired
+    credential, and every cut-off (agent revocations included).
+    """
+    state = state if state is not None else DenyState()
+    for hashed in await live_revoked_credentials(db, now):
+        state.revoke_credential(hashed)
+    rows = await db.fetch(
+        "SELECT DISTINCT t.id AS id, t.status AS status FROM tasks t"
+        " JOIN credentials c ON c.task_id = t.id"
+        " WHERE t.closed_at IS NOT NULL AND c.expires_at > ?",
+        now,
+    )
+    for row in rows:
+        state.close_tasks((row["id"],), row["status"])
+    for agent_id, cutoff in await cutoffs(db):
+        state.cut_off(agent_id, cutoff)
+    return state
 
 
 # --------------------------------------------------------------------------- alerts

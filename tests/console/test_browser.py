@@ -26,7 +26,7 @@ import pytest
 from service import kafka
 from service.brokers import BrokerProcess, start_tansu
 from service.config import Settings
-from service.events import AlertEvent, Severity, encoder
+from service.kernel.events import AlertEvent, Severity, encoder
 from service.sdk import Guard, KafkaRevocationFeed
 from tests.support.serve import Served, serve
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from service import alerts
-from service.events import AlertEvent, Severity
+from service.kernel.events import AlertEvent, Severity
 from service.secrets_ import hash_secret
 from tests.console.support import csrf_of, nonce_of, open_task_for, post_form, sign_in
 from tests.support.harness import KS

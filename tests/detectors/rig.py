@@ -27,8 +27,7 @@ from service import kafka
 from service.brokers import FAST_CONSUMER
 from service.config import Settings
 from service.contracts import TaskView
-from service.credentials.rfc9068 import jti_hash
-from service.events import (
+from service.kernel.events import (
     AlertEvent,
     DeadLetter,
     Decision,
@@ -40,7 +39,8 @@ from service.events import (
     decoder,
     encoder,
 )
-from service.scopes import Limits, ScopeSpec
+from service.kernel.scopes import Limits, ScopeSpec
+from service.kernel.tokens import jti_hash
 from tests.support.harness import basic
 
 AUD = "https://tools.internal"

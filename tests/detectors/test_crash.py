@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from service.brokers import free_port
-from service.events import Decision
+from service.kernel.events import Decision
 from tests.detectors.rig import Rig, wait_for
 from tests.support.serve import clean_env
 

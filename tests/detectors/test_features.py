@@ -19,8 +19,8 @@ from detectors.features import (
     tool_of,
 )
 from detectors.state import Store
-from service.events import Decision, Source, TaskEvent, TaskEventKind, UsageEvent
-from service.scopes import ScopeSpec
+from service.kernel.events import Decision, Source, TaskEvent, TaskEventKind, UsageEvent
+from service.kernel.scopes import ScopeSpec
 
 SCOPE = ScopeSpec(grants=("call:tool/a/*", "call:tool/b/*"), audiences=("aud",))
 F = FEATURE_INDEX

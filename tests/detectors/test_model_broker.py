@@ -31,7 +31,7 @@ from detectors.models import MODEL_ALERT, MODEL_REVOKE
 from detectors.traffic import Traffic, generate
 from detectors.train import train
 from service.contracts import TaskView
-from service.events import Source, TaskEvent, TaskEventKind, UsageEvent, encoder
+from service.kernel.events import Source, TaskEvent, TaskEventKind, UsageEvent, encoder
 from tests.detectors.rig import Rig, Task, wait_for
 from tests.support.harness import basic
 

@@ -31,7 +31,7 @@ from detectors.traffic import MODEL_SCENARIOS, Traffic, generate
 from detectors.train import evaluate, train
 from detectors.train import main as train_main
 from service.config import Settings
-from service.events import TaskEvent, UsageEvent
+from service.kernel.events import TaskEvent, UsageEvent
 
 
 @pytest.fixture(scope="module")

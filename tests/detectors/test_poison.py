@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from detectors.consumer import Detector
-from service.events import TaskEvent, TaskEventKind, decoder, encoder
+from service.kernel.events import TaskEvent, TaskEventKind, decoder, encoder
 from tests.detectors.rig import Rig, wait_for
 
 pytestmark = [pytest.mark.tansu, pytest.mark.asyncio(loop_scope="module")]

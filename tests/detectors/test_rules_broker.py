@@ -14,7 +14,7 @@ import pytest
 from aiokafka.structs import RecordMetadata
 
 from detectors.consumer import Detector
-from service.events import Decision, Severity, Source, TaskEventKind
+from service.kernel.events import Decision, Severity, Source, TaskEventKind
 from tests.detectors.rig import Rig, Task, wait_for
 
 pytestmark = [pytest.mark.tansu, pytest.mark.asyncio(loop_scope="module")]

@@ -10,7 +10,7 @@ import pytest
 from detectors.metrics import DetectorMetrics, HealthServer
 from detectors.rules import Thresholds, evaluate
 from detectors.state import RateWindow, Store
-from service.events import (
+from service.kernel.events import (
     Decision,
     RevocationEvent,
     Source,
@@ -18,7 +18,7 @@ from service.events import (
     TaskEventKind,
     UsageEvent,
 )
-from service.scopes import Limits, ScopeSpec
+from service.kernel.scopes import Limits, ScopeSpec
 
 SCOPE = ScopeSpec(grants=("call:tool/a",), audiences=("aud",), limits=Limits(max_rate=2.0))
 

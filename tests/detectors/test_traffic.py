@@ -27,8 +27,8 @@ from detectors.traffic import (
 )
 from service import kafka
 from service.brokers import BrokerProcess
-from service.events import Decision, TaskEvent, TaskEventKind, UsageEvent, decoder, encoder
-from service.scopes import covers
+from service.kernel.events import Decision, TaskEvent, TaskEventKind, UsageEvent, decoder, encoder
+from service.kernel.scopes import covers
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,13 @@ import pytest
 from service import kafka
 from service.brokers import BrokerProcess, start_tansu
 from service.config import Settings
-from service.events import RevocationEvent, encoder, revocation_key
+from service.kernel.events import (
+    CHECKPOINT_KEY,
+    FeedCheckpoint,
+    RevocationEvent,
+    encoder,
+    revocation_key,
+)
 from service.sdk import Guard, KafkaRevocationFeed, UsageEmitter
 from tests.support.harness import AUD
 from tests.support.serve import Served, serve
@@ -123,12 +129,19 @@ def topic_settings(bootstrap: str) -> Settings:
 
 @pytest.fixture
 async def settings(broker: BrokerProcess) -> Settings:
+    """Fresh topics, with the revocation topic vouched for by a checkpoint, as the service
+    leaves it (these tests play the service's part themselves)."""
     s = topic_settings(broker.bootstrap)
     await kafka.ensure_topics(s)
+    await publish(s, checkpoint())
     return s
 
 
-async def publish(settings: Settings, *events: RevocationEvent) -> None:
+def checkpoint(epoch: str | None = None) -> FeedCheckpoint:
+    return FeedCheckpoint(epoch=epoch or str(uuid.uuid4()), at=time.time(), through_seq=0)
+
+
+async def publish(settings: Settings, *events: RevocationEvent | FeedCheckpoint) -> None:
     producer = kafka.producer(settings, "test-publisher")
     await producer.start()
     try:
@@ -136,7 +149,9 @@ async def publish(settings: Settings, *events: RevocationEvent) -> None:
             await producer.send_and_wait(
                 settings.kafka_revocations_topic,
                 encoder.encode(event),
-                key=revocation_key(event).encode(),
+                key=(
+                    revocation_key(event) if isinstance(event, RevocationEvent) else CHECKPOINT_KEY
+                ).encode(),
             )
     finally:
         await producer.stop()

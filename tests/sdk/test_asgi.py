@@ -11,8 +11,8 @@ from litestar import Litestar, Request, get, post
 from litestar.testing import AsyncTestClient
 
 from service.config import Settings
-from service.credentials.rfc9068 import jti_hash
-from service.events import Decision
+from service.kernel.events import Decision
+from service.kernel.tokens import jti_hash
 from service.sdk import Guard, GuardMiddleware
 from tests.sdk.conftest import Service, eventually, kafka_guard, publish, revocation
 from tests.sdk.test_usage import consume_all

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from service.credentials.rfc9068 import jti_hash
-from service.events import RevocationEvent, encoder
+from service.kernel.events import RevocationEvent, encoder
+from service.kernel.tokens import jti_hash
 from service.sdk import Guard, Outcome, SseRevocationFeed
 from tests.sdk.conftest import Service, eventually, revocation
 from tests.support.harness import AUD

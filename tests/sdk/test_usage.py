@@ -9,8 +9,8 @@ from aiokafka.structs import TopicPartition
 
 from service import kafka
 from service.config import Settings
-from service.credentials.rfc9068 import jti_hash
-from service.events import Decision, Source, UsageEvent, decoder
+from service.kernel.events import Decision, Source, UsageEvent, decoder
+from service.kernel.tokens import jti_hash
 from service.sdk import UsageEmitter
 from tests.sdk.conftest import Service, eventually, kafka_guard
 from tests.support.harness import AUD

@@ -25,8 +25,8 @@ import pytest
 from service.alerts import store
 from service.brokers import FAST_CONSUMER, start_tansu
 from service.config import Settings
-from service.events import AlertEvent, RevocationEvent, Severity, encoder
 from service.kafka import ensure_topics, producer
+from service.kernel.events import AlertEvent, RevocationEvent, Severity, encoder
 from service.sdk.sse import messages as sse_messages
 from tests.support.harness import AUD, KS, bearer
 from tests.support.serve import Served, clean_env, killswitch_executable, serve

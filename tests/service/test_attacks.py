@@ -17,10 +17,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from service.clock import ManualClock
-from service.credentials.rfc7662 import live_token
-from service.errors import TokenRejected
-from service.revocation import DenyState
+from service.credentials.status import live_token
+from service.kernel.clock import ManualClock
+from service.kernel.deny import DenyState
+from service.kernel.errors import TokenRejected
 from tests.support import tokens
 from tests.support.harness import AUD, KS, Agent, bearer, running_app
 

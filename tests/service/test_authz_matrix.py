@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 
 from service import alerts
-from service.events import AlertEvent, Severity
+from service.kernel.events import AlertEvent, Severity
 from tests.conftest import fresh_postgres_database
 from tests.support.harness import AUD, KS, Agent, basic, bearer, running_app
 from tests.support.tokens import on_app_loop

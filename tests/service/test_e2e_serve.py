@@ -22,7 +22,7 @@ SECURITY_SCHEMES = {"operatorToken", "agentBasic", "clientAssertion", "taskCrede
 
 
 def assert_spiffe_id(value: str) -> None:
-    """SPIFFE-ID §2, checked independently of service.identity."""
+    """SPIFFE-ID §2, checked independently of service.kernel.ids."""
     assert len(value.encode()) <= 2048
     assert value.startswith("spiffe://"), value
     rest = value[len("spiffe://") :]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from service.events import (
+from service.kernel.events import (
     DeadLetter,
     Decision,
     RevocationEvent,
@@ -94,5 +94,5 @@ def test_revocation_keys_compact_per_target() -> None:
         "task:t1"
     )
     assert revocation_key(RevocationEvent(target="agent", agent_id="b", **base)) == "agent:b"
-    assert revocation_key(RevocationEvent(target="cutoff", **base)) == "cutoff:*"
+    assert revocation_key(RevocationEvent(target="cutoff", **base)) == "cutoff:*:None"
     assert revocation_key(RevocationEvent(target="credential", jti_hash="h", **base)) == "jti:h"

@@ -16,8 +16,8 @@ import httpx
 
 from service.brokers import FAST_CONSUMER, free_port, start_tansu
 from service.config import Settings
-from service.events import RevocationEvent, TaskEvent, decoder
 from service.kafka import consumer
+from service.kernel.events import FeedCheckpoint, RevocationEvent, TaskEvent, decoder
 from tests.support.harness import AUD
 from tests.support.serve import Served, serve
 
@@ -93,8 +93,11 @@ def test_revocations_and_task_events_reach_kafka(tmp_path: Path, database_url: s
     ):
         auth, analyst = _setup(s)
         task_id, seq = _open_and_revoke(s, auth, analyst)
-        revocations = asyncio.run(_read_all(broker.bootstrap, "killswitch.revocations.v1", 1))
-        assert [(type(e), e.seq, e.target, e.task_ids) for e in revocations] == [
+        records = asyncio.run(_read_all(broker.bootstrap, "killswitch.revocations.v1", 2))
+        # The service vouched for the new, empty topic before anything else reached it.
+        assert isinstance(records[0], FeedCheckpoint)
+        assert records[0].republished == 0
+        assert [(type(e), e.seq, e.target, e.task_ids) for e in records[1:]] == [
             (RevocationEvent, seq, "task", [task_id])
         ]
         tasks = asyncio.run(_read_all(broker.bootstrap, "killswitch.tasks.v1", 2))
@@ -124,5 +127,8 @@ def test_a_revocation_committed_before_a_crash_is_published_on_restart(
         start_tansu(port=port) as broker,
         serve(data, database_url, admin_token=token, env={"KS_KAFKA_BOOTSTRAP": bootstrap}),
     ):
-        revocations = asyncio.run(_read_all(broker.bootstrap, "killswitch.revocations.v1", 1))
-        assert [(e.seq, e.task_ids) for e in revocations] == [(seq, [task_id])]
+        records = asyncio.run(_read_all(broker.bootstrap, "killswitch.revocations.v1", 3))
+        # Rebuilt from the database (the topic was new), then the outbox row sent again.
+        revocations = [(e.seq, e.task_ids) for e in records if isinstance(e, RevocationEvent)]
+        assert revocations == [(seq, [task_id])] * 2
+        assert sum(isinstance(e, FeedCheckpoint) for e in records) == 1

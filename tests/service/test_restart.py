@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import jwt
 
-from service.clock import ManualClock
+from service.kernel.clock import ManualClock
 from tests.support.harness import AUD, KS, basic, bearer, running_app
 from tests.support.serve import run_cli, serve
 

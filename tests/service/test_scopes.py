@@ -3,6 +3,11 @@
 Examples pin the documented behaviour (docs/scopes.md); hypothesis properties check that
 attenuation is sound against real matching and that matching agrees with a slow
 reference glob matcher written here, independently of the module under test.
+
+Resources and patterns are canonicalised (service/kernel/resources.py, whose rules
+tests/kernel/test_resources.py checks). The generated strings here have no scheme, so
+the one rule that applies is that a dot-segment ('.' or '..' between slashes) is refused
+in a resource and rejected in a pattern; the reference below models exactly that.
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from service.errors import ScopeSyntaxError
-from service.scopes import (
+from service.kernel.errors import ScopeSyntaxError
+from service.kernel.scopes import (
     MAX_AUDIENCES,
     MAX_GRANTS,
     CompiledScope,
@@ -89,7 +94,14 @@ def reference_match(pattern: str, text: str) -> bool:
     return match(0, 0)
 
 
+def has_dot_segment(text: str) -> bool:
+    """A '.' or '..' segment: refused as a resource; in a pattern, a literal one."""
+    return any(segment in (".", "..") for segment in text.split("/"))
+
+
 def reference_covers(spec: ScopeSpec, action: str, resource: str) -> bool:
+    if has_dot_segment(resource):
+        return False
     for grant in spec.grants:
         grant_action, _, pattern = grant.partition(":")
         if grant_action in ("*", action) and reference_match(pattern, resource):
@@ -164,6 +176,16 @@ def test_parse_rejects_invalid_grants(text: str, why: str) -> None:
     assert error.detail.startswith(f"grant {repr(text)[:20]}")
     assert error.extra == {"invalid": [error.detail]}
     assert error.status == 400
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["read:.", "read:..", "read:a/./b", "read:a/../**", "read:**/..", "read:./*", "call:tool/.."],
+)
+def test_dot_segment_patterns_are_rejected(text: str) -> None:
+    # Such a resource is refused before matching, so the pattern could never match.
+    with pytest.raises(ScopeSyntaxError, match="can never match: path holds a dot-segment"):
+        parse_grant(text)
 
 
 def test_parse_splits_at_the_first_colon() -> None:
@@ -545,8 +567,13 @@ def test_scope_claim() -> None:
 ACTIONS = ("read", "write", "*")
 CONCRETE_ACTIONS = ("read", "write", "other")
 AUDIENCES = ("api", "db", "mq")
-# A small alphabet so wildcards, '/' and literal '.' interact often.
-patterns = st.text("ab/.*", min_size=1, max_size=8).map(lambda s: re.sub(r"\*{3,}", "**", s))
+# A small alphabet so wildcards, '/' and literal '.' interact often. A pattern with a
+# literal dot-segment is invalid (test_dot_segment_patterns_are_rejected).
+patterns = (
+    st.text("ab/.*", min_size=1, max_size=8)
+    .map(lambda s: re.sub(r"\*{3,}", "**", s))
+    .filter(lambda s: not has_dot_segment(s))
+)
 grant_texts = st.builds("{}:{}".format, st.sampled_from(ACTIONS), patterns)
 limits = st.builds(
     Limits,
@@ -597,7 +624,9 @@ def nearby_pattern(draw: st.DrawFn, pattern: str, *, wider: bool) -> str:
         if wider and draw(st.integers(0, 3)) < (2 if sym.startswith("*") else 1):
             choices = choices + WIDER.get(sym, WIDER_LITERAL)
         out.append(draw(st.sampled_from(choices)))
-    return re.sub(r"\*{3,}", "**", "".join(out)) or pattern
+    child = re.sub(r"\*{3,}", "**", "".join(out))
+    # Replacing a wildcard by '.' can leave a literal dot-segment, which is invalid.
+    return child if child and not has_dot_segment(child) else pattern
 
 
 @st.composite
@@ -656,13 +685,19 @@ def instantiations(pattern: str, limit: int = 81, *, loose: bool = False) -> lis
 
 def assert_sound(data: st.DataObject, child: ScopeSpec, parent: ScopeSpec) -> None:
     """Everything the child covers, the parent covers: on instantiations of each child
-    grant (so the check is never vacuous) and on an arbitrary string."""
+    grant (so the check is never vacuous) and on an arbitrary string. An instantiation
+    with a dot-segment is refused by both."""
     for grant in validate(child).grants:
         action, _, pattern = grant.partition(":")
         for concrete in CONCRETE_ACTIONS if action == "*" else (action,):
             for resource in instantiations(pattern):
-                assert covers(child, concrete, resource)
-                assert covers(parent, concrete, resource), (grant, concrete, resource)
+                refused = has_dot_segment(resource)
+                assert covers(child, concrete, resource) is not refused
+                assert covers(parent, concrete, resource) is not refused, (
+                    grant,
+                    concrete,
+                    resource,
+                )
     action = data.draw(st.sampled_from(CONCRETE_ACTIONS))
     resource = data.draw(st.text("ab/.", max_size=8))
     if covers(child, action, resource):
@@ -703,7 +738,8 @@ def test_grant_containment_is_sound(parent: str, parent_action: str, data: st.Da
             for resource in instantiations(child):
                 assert reference_match(child, resource)
                 assert reference_match(parent, resource), (child, parent, resource)
-                assert covers(outer, action, resource), (child_action, action)
+                refused = has_dot_segment(resource)
+                assert covers(outer, action, resource) is not refused, (child_action, action)
 
 
 @PROPERTY
@@ -712,6 +748,12 @@ def test_literal_grants_are_decided_exactly(parent: ScopeSpec, data: st.DataObje
     action = data.draw(st.sampled_from(("read", "write")))
     resource = data.draw(st.text("ab/.", min_size=1, max_size=8))
     child = ScopeSpec(grants=(f"{action}:{resource}",), limits=parent.limits)
+    if has_dot_segment(resource):
+        # Refused as a resource, so rejected as a literal grant: nothing to decide.
+        assert not covers(parent, action, resource)
+        with pytest.raises(ScopeSyntaxError, match="dot-segment"):
+            is_subset(child, parent)
+        return
     assert is_subset(child, parent) == covers(parent, action, resource)
 
 
@@ -752,8 +794,10 @@ def test_excess_is_empty_exactly_for_subsets_and_names_each_item(data: st.DataOb
 
 
 # Regex metacharacters in patterns and resources check that literals are escaped.
-wide_patterns = st.text("a/.*?[(\\$", min_size=1, max_size=8).map(
-    lambda s: re.sub(r"\*{3,}", "**", s)
+wide_patterns = (
+    st.text("a/.*?[(\\$", min_size=1, max_size=8)
+    .map(lambda s: re.sub(r"\*{3,}", "**", s))
+    .filter(lambda s: not has_dot_segment(s))
 )
 
 
@@ -778,9 +822,11 @@ def test_covers_agrees_with_reference_matcher(data: st.DataObject) -> None:
         assert covers(spec, action, resource) == reference_covers(spec, action, resource)
 
 
-printable_resources = st.text(
-    st.characters(categories=("L", "M", "N", "P", "S")), min_size=1, max_size=20
-).map(lambda s: re.sub(r"\*{3,}", "**", s))
+printable_resources = (
+    st.text(st.characters(categories=("L", "M", "N", "P", "S")), min_size=1, max_size=20)
+    .map(lambda s: re.sub(r"\*{3,}", "**", s))
+    .filter(lambda s: not has_dot_segment(s))
+)
 
 
 @PROPERTY

@@ -14,9 +14,9 @@ from typing import Any
 from litestar.testing import AsyncTestClient
 
 from service.app import create_app
-from service.clock import Clock
 from service.config import Secret, Settings
 from service.core import Services
+from service.kernel.clock import Clock
 
 AUD = "https://tools.internal"
 ISSUER = "http://killswitch.test"

@@ -14,13 +14,21 @@ Nothing in this module performs I/O.
     ├── PermissionDenied                 403  the role may not do this, or the agent is suspended
     ├── NotFound                         404  no such thing (or you may not know it exists)
     ├── Conflict                         409  state forbids it (task closed, already reinstated)
-    └── TokenRejected                    401  a presented access token failed verification
+    ├── TokenRejected                    401  a presented access token failed verification
+    └── RevocationStateUnavailable       503  an enforcement point cannot vouch for
+                                              revocation state: it fails closed
+
+Every error becomes a problem whose ``type`` is ``PROBLEM_TYPE_PREFIX + type_slug``,
+whoever answers: the service (``service.api.problems``) or a guard's middleware
+(``service.sdk.asgi``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+PROBLEM_TYPE_PREFIX = "urn:killswitch:problem:"
 
 
 class KillSwitchError(Exception):
@@ -83,8 +91,28 @@ class Conflict(KillSwitchError):
 
 
 class TokenRejected(KillSwitchError):
-    """A presented access token failed verification (signature, claims or status)."""
+    """A presented access token failed verification (signature, claims or status).
+
+    ``permanent`` says whether the same token string can never pass: true for a forged,
+    malformed or foreign token (an enforcement point may remember the rejection), false
+    when the answer depends on time or on keys not yet fetched (expired, not yet valid,
+    unknown ``kid``).
+    """
 
     status = 401
     type_slug = "token-rejected"
     title = "Token rejected"
+
+    def __init__(
+        self, detail: str, *, permanent: bool = True, extra: Mapping[str, Any] | None = None
+    ) -> None:
+        super().__init__(detail, extra=extra)
+        self.permanent = permanent
+
+
+class RevocationStateUnavailable(KillSwitchError):
+    """A guard's revocation feed is not ready or stale: it denies rather than guess."""
+
+    status = 503
+    type_slug = "revocation-state-unavailable"
+    title = "Revocation state unavailable"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import secrets
 
-from service.errors import ClientError
+from service.kernel.errors import ClientError
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")

@@ -7,27 +7,19 @@ in lexicographic order, with no whitespace. It is the ``kid`` of our signing key
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from service.errors import ClientError
+from service.kernel.errors import ClientError
+from service.kernel.jws import PublicKey as PublicKey
+from service.kernel.jws import b64url, b64url_decode
 
-PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 
 _REQUIRED = {"OKP": ("crv", "kty", "x"), "EC": ("crv", "kty", "x", "y")}
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def b64url_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def public_jwk(key: PublicKey) -> dict[str, str]:

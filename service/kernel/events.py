@@ -9,7 +9,8 @@ Topics (names configurable) and keys:
 * ``killswitch.usage.v1``        :class:`UsageEvent`, key = agent id
 * ``killswitch.tasks.v1``        :class:`TaskEvent`, key = task id
 * ``killswitch.revocations.v1``  :class:`RevocationEvent`, key = :func:`revocation_key`
-  (compacted: the latest record per key is what a guard needs to replay)
+  (compacted: the latest record per key is what a guard needs to replay), and
+  :class:`FeedCheckpoint`, key = ``checkpoint`` (the topic is whole up to here)
 * ``killswitch.alerts.v1``       :class:`AlertEvent`, key = agent id
 * ``killswitch.usage.dlq.v1``    :class:`DeadLetter`, key = the original key
 """
@@ -21,7 +22,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from service.scopes import ScopeSpec
+from service.kernel.scopes import ScopeSpec
 
 SCHEMA_VERSION = 1
 Text = Annotated[str, msgspec.Meta(max_length=2048)]
@@ -128,6 +129,35 @@ class RevocationEvent(
     source: Text
 
 
+class FeedCheckpoint(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    tag="checkpoint",
+    tag_field="type",
+):
+    """Written by the service on the revocation topic once the topic is *whole*.
+
+    The database is the source of truth; the topic is a copy. Whenever the service finds
+    the topic new, empty or reset (a broker that restarted empty, a topic recreated), it
+    republishes from the database every revocation that can still matter and then writes
+    one checkpoint with a fresh ``epoch``. A guard becomes ready only after it has
+    replayed to the end of the topic *and* seen a checkpoint, so an empty or half-built
+    topic never vouches for anything; a running guard that sees a checkpoint of another
+    epoch knows the log was rebuilt under it and replays from the start.
+    """
+
+    version: Literal[1] = 1
+    epoch: Id
+    """Identifies one build of the topic (a UUID)."""
+    at: float
+    through_seq: int
+    """Highest revocation ``seq`` in the database when the checkpoint was written."""
+    republished: int = 0
+    """How many revocations the rebuild that wrote it republished (0: topic was new)."""
+
+
 class Severity(StrEnum):
     LOW = "low"
     MEDIUM = "medium"
@@ -168,10 +198,18 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True, tag="dead_letter", t
     value: bytes
 
 
-Event = UsageEvent | TaskEvent | RevocationEvent | AlertEvent | DeadLetter
+Event = UsageEvent | TaskEvent | RevocationEvent | FeedCheckpoint | AlertEvent | DeadLetter
+RevocationRecord = RevocationEvent | FeedCheckpoint
+"""What the revocation topic holds."""
 
 decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
+revocation_record_decoder: msgspec.json.Decoder[RevocationRecord] = msgspec.json.Decoder(
+    RevocationRecord
+)
 encoder = msgspec.json.Encoder()
+
+CHECKPOINT_KEY = "checkpoint"
+"""Kafka key of every :class:`FeedCheckpoint` (compaction keeps the newest)."""
 
 
 def revocation_key(event: RevocationEvent) -> str:
@@ -184,4 +222,6 @@ def revocation_key(event: RevocationEvent) -> str:
         case "agent":
             return f"agent:{event.agent_id}"
         case "cutoff":
-            return f"cutoff:{event.agent_id or '*'}"
+            # The cut-off time is part of the key: a later cut-off with an *earlier* time
+            # must not compact away the later time (that would revive credentials).
+            return f"cutoff:{event.agent_id or '*'}:{event.cutoff!r}"

@@ -5,6 +5,14 @@ parses, which concrete ``(action, resource)`` pairs it covers, and whether one s
 within another (a task within its agent's ceiling, a sub-task within its parent task).
 The grammar is documented in ``docs/scopes.md``; keep the two in step.
 
+Resources are compared in one canonical form (``service.kernel.resources``): every
+concrete resource is canonicalised before it is matched, and refused outright when a
+server could resolve it out of a granted prefix (a dot-segment, an encoded slash); every
+grant pattern is put in the same form when it is validated, and a pattern that could only
+match refused resources is a syntax error. So the normal form of a scope holds canonical
+patterns (lower-case web schemes and hosts, no default ports, unreserved escapes
+decoded), and the guard, the detector and issuance decide every request alike.
+
 It performs no I/O, reads no clock and holds no state except a bounded cache of compiled
 scopes. Comparing a deadline with the current time is the caller's job.
 
@@ -13,7 +21,8 @@ Two properties every change here must keep (the property tests in
 
 * attenuation is *sound*: if ``is_subset(child, parent)`` then every pair ``child`` covers,
   ``parent`` covers too. It may be incomplete (answer "no" for a true subset); that fails
-  closed and is documented.
+  closed and is documented. Canonicalisation keeps this: both scopes match the same
+  canonical resource, and containment is decided on the canonical patterns.
 * matching never backtracks catastrophically: see ``_glob_regex``.
 """
 
@@ -27,7 +36,8 @@ from typing import Annotated, Final, NoReturn, TypeAlias
 
 import msgspec
 
-from service.errors import ScopeSyntaxError
+from service.kernel.errors import ScopeSyntaxError
+from service.kernel.resources import ResourceRefused, canonical, canonical_pattern
 
 __all__ = [
     "MAX_AUDIENCES",
@@ -145,11 +155,21 @@ def _grant_or_problem(text: object) -> Grant | str:
         problem = "resource pattern contains '***'; use '*' (within a segment) or '**'"
     if problem is not None:
         return f"{shown}: {problem}"
+    try:
+        resource = canonical_pattern(resource)
+    except ResourceRefused as refused:
+        return f"{shown}: resource pattern can never match: {refused.why}"
+    if len(resource) > MAX_RESOURCE_LENGTH:
+        # Canonicalising may add a '/' (an empty path), so the normal form is counted too.
+        return (
+            f"{shown}: resource pattern has {len(resource)} characters in canonical form; "
+            f"at most {MAX_RESOURCE_LENGTH} allowed"
+        )
     return Grant(action, resource)
 
 
 def parse_grant(text: str) -> Grant:
-    """Parse one grant ``<action>:<resource-pattern>``.
+    """Parse one grant ``<action>:<resource-pattern>``; the pattern in canonical form.
 
     Raises ``ScopeSyntaxError`` naming the grant and what is wrong with it.
     """
@@ -246,8 +266,10 @@ def _valid_limits(raw: object, problems: list[str]) -> Limits:
 def validate(spec: ScopeSpec) -> ScopeSpec:
     """Check a whole scope and return its normal form.
 
-    The normal form keeps the first occurrence of each grant and audience, in order, and
-    holds ``max_rate`` and ``deadline`` as floats. Counts are of distinct items.
+    The normal form holds each grant's pattern in canonical form (``parse_grant``), keeps
+    the first occurrence of each grant and audience, in order (grants compared after
+    canonicalisation), and holds ``max_rate`` and ``deadline`` as floats. Counts are of
+    distinct items. ``validate(validate(spec)) == validate(spec)``.
 
     Raises ``ScopeSyntaxError`` whose ``extra["invalid"]`` lists every bad item.
     """
@@ -259,7 +281,7 @@ def validate(spec: ScopeSpec) -> ScopeSpec:
         shown = "; ".join(problems[:3])
         if len(problems) > 3:
             shown += f"; and {len(problems) - 3} more"
-        raise ScopeSyntaxError(f"invalid scope: {shown}", extra={"invalid": problems})
+        raise ScopeSyntaxError(shown, extra={"invalid": problems})
     return ScopeSpec(grants=grants, audiences=audiences, limits=limits)
 
 
@@ -392,6 +414,9 @@ class _Pattern:
 
 # --------------------------------------------------------------------------- compiled scopes
 
+_UNDECIDED: Final = object()
+_DECIDED_MAX: Final = 1024
+
 _Matcher: TypeAlias = Callable[[str], "re.Match[str] | None"]
 
 
@@ -412,6 +437,7 @@ class CompiledScope:
     __slots__ = (
         "_audiences",
         "_by_action",
+        "_decided",
         "_default",
         "_grant_texts",
         "_matchers",
@@ -424,6 +450,7 @@ class CompiledScope:
     spec: ScopeSpec
     grants: tuple[Grant, ...]
     _audiences: frozenset[str]
+    _decided: dict[tuple[str, str], str | None]
     _by_action: dict[str, tuple[_Pattern, ...]]
     _default: _Matcher | None
     _grant_texts: frozenset[str]
@@ -457,6 +484,10 @@ class CompiledScope:
         setter(self, "_by_action", by_action)
         setter(self, "_patterns_any", patterns_any)
         setter(self, "_patterns", patterns)
+        # check() is a pure function of (action, resource): remember recent answers, so
+        # an agent calling the same tool again costs one dict lookup (bounded; cleared
+        # when full, so hostile distinct resources only ever miss).
+        setter(self, "_decided", {})
 
     def __setattr__(self, name: str, value: object) -> NoReturn:
         raise AttributeError(f"CompiledScope is immutable; cannot set {name!r}")
@@ -470,11 +501,39 @@ class CompiledScope:
     def covers(self, action: str, resource: str) -> bool:
         """Whether some grant allows ``action`` on the concrete ``resource``.
 
-        The resource is compared as given: canonicalise it first (resolve ``..``,
-        normalise URL case and percent-encoding) or a pattern can be escaped.
+        The resource is canonicalised first (``service.kernel.resources.canonical``):
+        callers pass it as requested. A refused resource (a dot-segment, an encoded
+        slash …) is covered by no grant, not even ``*:**``.
         """
+        return self.check(action, resource) is None
+
+    def check(self, action: str, resource: str) -> str | None:
+        """``None`` when ``covers(action, resource)``, else why not.
+
+        The reason begins ``"out of scope: "`` (the prefix the detector's out-of-scope
+        rule recognises): the refusal of ``canonical`` or, for a resource no grant
+        matches, the action and (the first 200 characters of) the resource as given.
+        """
+        key = (action, resource)
+        decided = self._decided
+        reason = decided.get(key, _UNDECIDED)
+        if reason is not _UNDECIDED:
+            return reason  # type: ignore[return-value]
+        reason = self._decide(action, resource)
+        if len(decided) >= _DECIDED_MAX:
+            decided.clear()
+        decided[key] = reason
+        return reason
+
+    def _decide(self, action: str, resource: str) -> str | None:
+        try:
+            canonical_resource = canonical(resource)
+        except ResourceRefused as refused:
+            return refused.detail
         match = self._matchers.get(action, self._default)
-        return match is not None and match(resource) is not None
+        if match is not None and match(canonical_resource) is not None:
+            return None
+        return f"out of scope: {action} {resource[:200]} is outside the scope"
 
     def allows_audience(self, audience: str) -> bool:
         """Exact membership: an empty audience list allows no audience at all."""
