@@ -10,13 +10,15 @@ install-test:
 	$(PYTHON) -m pip install -q -e '.[test]'
 	bash scripts/ensure-postgres.sh
 	bash scripts/ensure-browser.sh
+	bash scripts/ensure-java.sh
 
 # Run the whole system on its embedded defaults: tansu broker, service (SQLite + generated
-# key under .killswitch/), detector. Ctrl-C stops everything.
+# key under .killswitch/), detector. Ctrl-C (or `killswitch down`) stops everything.
 run: install
 	killswitch up
 
-# The whole test suite (SQLite and a throwaway PostgreSQL, headless Chromium, ruff, mypy).
+# The whole test suite (SQLite and a throwaway PostgreSQL, headless Chromium, Apache Kafka
+# on Java 17+ with Maven, ruff, mypy).
 test: install-test
 	$(PYTHON) -m pytest
 

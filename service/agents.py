@@ -15,10 +15,10 @@ from service.contracts import (
     RevocationSource,
     RevocationView,
 )
-from service.credentials.jwk import load_public_jwk
-from service.errors import ClientError, Conflict, NotFound
-from service.identity import task_spiffe_id
-from service.scopes import validate
+from service.kernel.errors import ClientError, Conflict, NotFound
+from service.kernel.ids import task_spiffe_id
+from service.kernel.jwk import load_public_jwk
+from service.kernel.scopes import validate
 from service.secrets_ import AGENT_SECRET_PREFIX, hash_secret, new_secret
 from service.storage import repository as repo
 
@@ -47,6 +47,13 @@ def view(agent: AgentRecord) -> AgentView:
 
 async def register(services: Services, request: CreateAgent, *, actor: str) -> AgentCreated:
     ceiling = validate(request.ceiling)
+    if not ceiling.audiences:
+        # Every task must name an audience inside the ceiling: without one, the agent
+        # could be registered but never open a task.
+        raise ClientError(
+            "an agent's ceiling needs at least one audience: every task names one "
+            "(it becomes the token's aud) and it must lie inside the ceiling"
+        )
     # The id must make a valid SPIFFE path segment; check it the way tasks will use it.
     task_spiffe_id(services.settings.trust_domain, request.id, "x")
     if request.public_jwk is not None:

@@ -19,7 +19,10 @@ from service.credentials import rfc7662
 
 
 class TokenForm(msgspec.Struct, frozen=True, kw_only=True):
-    token: Annotated[str, msgspec.Meta(min_length=1, max_length=16_384)]
+    # No upper bound of its own (the body limit, KS_MAX_BODY_BYTES, is one): a token too
+    # long to be ours is an invalid token, and RFC 7662 §2.2 / RFC 7009 §2.2 answer those
+    # with 200 (active: false), not with a 400 for a well-formed request.
+    token: Annotated[str, msgspec.Meta(min_length=1)]
     token_type_hint: str | None = None
 
 

@@ -36,7 +36,8 @@ class RevocationController(Controller):
         operation_id="revoke",
         summary="Revoke a credential, task, agent, or everything before a cut-off (analyst)",
         description="201 with the new revocation; 200 with the first one when "
-        "`idempotency_key` was used before (nothing is revoked twice).",
+        "`idempotency_key` was used before, or with the revocation that already ended a "
+        "credential or task (nothing is revoked twice, nothing new is written).",
         status_code=201,
         responses=problems(400, 401, 403, 404, 413),
     )

@@ -243,9 +243,6 @@ CASES: dict[str, Case] = {
         json=_revocation({"type": "cutoff"}, reason=BIG),
     ),
     "introspect-oversized": Case("POST", "/oauth2/introspect", "rs", 413, form={"token": BIG}),
-    "introspect-token-too-long": Case(
-        "POST", "/oauth2/introspect", "rs", 400, form={"token": "x" * 16_385}
-    ),
     # -- scope grammar
     "grant-bad-action": Case(
         "POST", "/v1/tasks", "agent", 400, "invalid-scope",
@@ -323,6 +320,17 @@ CASES: dict[str, Case] = {
     ),
     "agent-no-auth-method": Case(
         "POST", "/v1/agents", "admin", 400, "bad-request", json=_agent(issue_secret=False)
+    ),
+    # No task of it could ever name an audience inside its ceiling.
+    "agent-ceiling-no-audience": Case(
+        "POST", "/v1/agents", "admin", 400, "bad-request",
+        json=_agent(ceiling={"grants": ["call:tool/x"], "audiences": []}),
+        check=_detail_has("ceiling needs at least one audience"),
+    ),
+    "agent-ceiling-audiences-omitted": Case(
+        "POST", "/v1/agents", "admin", 400, "bad-request",
+        json=_agent(ceiling={"grants": ["call:tool/x"]}),
+        check=_detail_has("ceiling needs at least one audience"),
     ),
     "revocation-unknown-type": Case(
         "POST", "/v1/revocations", "analyst", 400, json=_revocation({"type": "planet"})
@@ -439,6 +447,52 @@ async def test_bad_input_is_a_problem_and_writes_nothing(env: Env, name: str) ->
     r = await ks.client.get(f"/v1/tasks/{env.task_id}", headers=ks.admin)
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "active", r.text
+
+
+# --------------------------------------------------------------------------- problem text
+
+
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.parametrize(
+    ("path", "who", "body"),
+    [
+        ("/v1/agents", "admin", _agent(ceiling={"grants": ["nocolon"], "audiences": [AUD]})),
+        ("/v1/tasks", "agent", _task(scope=_scope(grants=["nocolon", "call:a b"]))),
+    ],
+)
+async def test_problem_detail_does_not_repeat_the_title(
+    env: Env, path: str, who: str, body: dict[str, Any]
+) -> None:
+    headers = env.ks.admin if who == "admin" else env.agent.headers
+    r = await env.ks.client.post(path, json=body, headers=headers)
+    problem = assert_problem(r, 400, "invalid-scope")
+    assert problem["title"] == "Invalid scope"
+    assert problem["detail"].startswith("grant 'nocolon': no ':' between action and resource")
+    # What clients show (the CLI: "HTTP 400 Invalid scope: grant …") says it once.
+    shown = f"{problem['title']}: {problem['detail']}".lower()
+    assert shown.count("invalid scope") == 1, shown
+    assert problem["invalid"][0] == "grant 'nocolon': no ':' between action and resource"
+
+
+# --------------------------------------------------------------------------- long tokens
+
+
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.parametrize("length", [16_385, 20_000, MAX_BODY - 100])
+async def test_a_token_too_long_to_be_ours_is_inactive_not_a_400(env: Env, length: int) -> None:
+    """RFC 7662 §2.2: an authorised, well-formed query about an invalid token is 200
+    active:false, whatever the token's length (the body limit still bounds it: 413)."""
+    before = await snapshot(env.ks)
+    token = "x" * length
+    r = await env.ks.client.post(
+        "/oauth2/introspect", data={"token": token}, headers=bearer(env.rs)
+    )
+    assert r.status_code == 200, r.text
+    assert r.json() == {"active": False}
+    # RFC 7009 §2.2: revoking an invalid token is not an error either.
+    r = await env.ks.client.post("/oauth2/revoke", data={"token": token}, headers=env.agent.headers)
+    assert r.status_code == 200, r.text
+    assert await snapshot(env.ks) == before
 
 
 # --------------------------------------------------------------------------- big numbers

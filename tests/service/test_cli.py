@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import re
 import secrets
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ import pytest
 from service.brokers import free_port
 from service.cli import Api, build_parser, main
 from tests.support.harness import AUD, basic, bearer
-from tests.support.serve import Served, run_cli, serve
+from tests.support.serve import Served, clean_env, killswitch_executable, run_cli, serve
 
 
 @dataclass
@@ -226,7 +228,7 @@ def test_agents_add_list_suspend_reinstate(cli: Cli, server: Served) -> None:
 def test_agents_add_with_a_public_jwk_and_no_secret(cli: Cli, tmp_path: Path) -> None:
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    from service.credentials.jwk import public_jwk
+    from service.kernel.jwk import public_jwk
 
     jwk_file = tmp_path / "agent.jwk"
     jwk_file.write_text(json.dumps(public_jwk(ed25519.Ed25519PrivateKey.generate().public_key())))
@@ -246,6 +248,178 @@ def test_agents_add_with_a_public_jwk_and_no_secret(cli: Cli, tmp_path: Path) ->
     assert r.code == 0, r.err
     assert json.loads(r.out)["auth_methods"] == ["private_key_jwt"]
     assert "client secret" not in r.err
+
+
+def test_agents_add_secret_file_and_json(cli: Cli, server: Served, tmp_path: Path) -> None:
+    agent_id = _new_id("filed")
+    secret_file = tmp_path / "agent.secret"
+    r = cli(
+        "agents", "add", agent_id, "--grant", "call:tool/invoices.*", "--audience", AUD,
+        "--secret-file", str(secret_file),
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["id"] == agent_id
+    secret = secret_file.read_text().strip()
+    assert secret.startswith("ksa_")
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    assert secret not in r.out + r.err  # the file is the only copy
+    assert f"client secret written to {secret_file} (mode 0600)" in r.err
+    _open_task(server, agent_id, secret)
+
+    # --json: the API's whole answer on stdout, secret included (or null with a file).
+    other = _new_id("json")
+    r = cli("agents", "add", other, "--grant", "call:tool/invoices.*", "--audience", AUD, "--json")
+    assert r.code == 0, r.err
+    created = json.loads(r.out)
+    assert created["agent"]["id"] == other
+    assert "client secret" not in r.err
+    _open_task(server, other, created["client_secret"])
+    third = _new_id("json-file")
+    r = cli(
+        "agents", "add", third, "--grant", "call:tool/invoices.*", "--audience", AUD, "--json",
+        "--secret-file", str(secret_file),
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["client_secret"] is None
+    _open_task(server, third, secret_file.read_text().strip())  # replaced, still 0600
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+
+    r = cli("agents", "add", _new_id("x"), "--grant", "call:x", "--audience", AUD,
+            "--no-secret", "--secret-file", str(tmp_path / "none"))  # fmt: skip
+    assert r.code == 2
+    assert "--secret-file needs a client secret" in r.err
+    assert not (tmp_path / "none").exists()
+
+
+def test_agents_add_without_an_audience_is_refused(cli: Cli) -> None:
+    agent_id = _new_id("no-aud")
+    r = cli("agents", "add", agent_id, "--grant", "call:tool/invoices.*")
+    assert r.code == 1
+    [line] = r.err.splitlines()
+    assert line.startswith("killswitch: error: HTTP 400 Bad request: an agent's ceiling needs")
+    assert "audience" in line
+    r = cli("agents", "list")
+    assert agent_id not in r.out  # nothing registered
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def test_tasks_list_and_show(cli: Cli, server: Served) -> None:
+    agent_id = _new_id("lister")
+    secret = _add_agent(cli, agent_id)
+    first, second = (_open_task(server, agent_id, secret) for _ in range(2))
+    r = cli("revoke", "task", first["task"]["id"], "--reason", "listing test")
+    assert r.code == 0, r.err
+
+    r = cli("tasks", "list", "--agent", agent_id)
+    assert r.code == 0, r.err
+    header, *rows = r.out.splitlines()
+    assert header.split()[:3] == ["task", "agent", "status"]
+    assert [row.split()[:3] for row in rows] == [  # newest first
+        [second["task"]["id"], agent_id, "active"],
+        [first["task"]["id"], agent_id, "revoked"],
+    ]
+    assert "call:tool/invoices.read" in rows[0]
+
+    r = cli("tasks", "list", "--agent", agent_id, "--status", "active", "--quiet")
+    assert r.code == 0, r.err
+    assert r.out == second["task"]["id"] + "\n"  # what $(...) captures
+    r = cli("tasks", "list", "--agent", agent_id, "--status", "revoked", "--json")
+    assert r.code == 0, r.err
+    page = json.loads(r.out)
+    assert [t["id"] for t in page["items"]] == [first["task"]["id"]]
+    r = cli("tasks", "list", "--status", "zombie")
+    assert r.code == 2
+    assert "invalid choice" in r.err
+
+    r = cli("tasks", "show", second["task"]["id"])
+    assert r.code == 0, r.err
+    shown = json.loads(r.out)
+    assert shown == second["task"] | {"status": "active"}
+    r = cli("tasks", "show", "no-such-task")
+    assert r.code == 1
+    assert "HTTP 404 Not found: no task 'no-such-task'" in r.err
+
+
+def test_introspect_a_token(cli: Cli, server: Served) -> None:
+    agent_id = _new_id("intro")
+    issued = _open_task(server, agent_id, _add_agent(cli, agent_id))
+    token = issued["access_token"]
+    r = cli("introspect", token)
+    assert r.code == 0, r.err
+    answer = json.loads(r.out)
+    assert answer["active"] is True
+    assert answer["client_id"] == agent_id
+    assert answer["scope"] == "call:tool/invoices.read"
+    r = cli("revoke", "task", issued["task"]["id"], "--reason", "introspect test")
+    assert r.code == 0, r.err
+    r = cli("introspect", "-", stdin=token + "\n")  # from stdin: not in the process list
+    assert r.code == 0, r.err
+    assert json.loads(r.out) == {"active": False}
+    r = cli("introspect", "not-a-token")
+    assert (r.code, json.loads(r.out)) == (0, {"active": False})
+    r = cli("introspect", "-", stdin="")
+    assert r.code == 2
+    assert "no access token" in r.err
+
+
+# --------------------------------------------------------------------------- up/env/down
+
+
+def test_env_and_down_without_a_running_system(tmp_path: Path) -> None:
+    data = tmp_path / "nothing-here"
+    result = run_cli(["env", "--data-dir", str(data)])
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"killswitch: error: no `killswitch up` is running for {data}; "
+        "start one with `killswitch up --detach`\n"
+    )
+    result = run_cli(["down", "--data-dir", str(data)])
+    assert result.returncode == 0, result.stderr
+    assert f"nothing is up for {data}" in result.stderr
+    result = run_cli(["up", "--detach", "--demo", "--data-dir", str(data)])
+    assert result.returncode == 2
+    assert "--detach" in result.stderr
+    assert not data.exists()
+
+
+def test_env_and_down_ignore_a_stale_state_file(tmp_path: Path) -> None:
+    """A crashed `up` leaves up.json behind: its pid is gone, so nothing is running."""
+    from service.stack import STATE_FILE
+
+    data = tmp_path / "crashed"
+    data.mkdir()
+    state = {"pid": _exited_pid(), "url": "http://127.0.0.1:9", "admin_token": "kso_x"}
+    state["banner"] = "killswitch is up"
+    (data / STATE_FILE).write_text(json.dumps(state))
+    result = run_cli(["env", "--data-dir", str(data)])
+    assert result.returncode == 1
+    assert "no `killswitch up` is running" in result.stderr
+    assert not (data / STATE_FILE).exists()
+
+
+def _exited_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()  # reaped: no process has this pid now
+    return proc.pid
+
+
+def test_up_banner_names_the_console() -> None:
+    from service.stack import Stack
+
+    banner = Stack(
+        url="http://127.0.0.1:8123",
+        admin_token="kso_x",
+        detector_token="kso_y",
+        kafka_bootstrap="127.0.0.1:9092",
+        detector_metrics="http://127.0.0.1:9464",
+        data_dir=Path(".killswitch"),
+    ).banner()
+    assert re.search(r"^  console +http://127\.0\.0\.1:8123/console/$", banner, re.M), banner
+    assert "export KS_URL=http://127.0.0.1:8123 KS_TOKEN=kso_x" in banner
+    assert "killswitch down" in banner
 
 
 # --------------------------------------------------------------------------- operators
@@ -349,6 +523,55 @@ def test_revoke_task_agent_credential_and_cutoff(cli: Cli, server: Served) -> No
     r = cli("revoke", "task", "no-such-task", "--reason", "x")
     assert r.code == 1
     assert "HTTP 404 Not found" in r.err
+
+
+def test_revoke_cutoff_without_yes_on_a_closed_stdin_refuses(cli: Cli, server: Served) -> None:
+    agent_id = _new_id("eof")
+    issued = _open_task(server, agent_id, _add_agent(cli, agent_id))
+    # In-process: end of input at once.
+    r = cli("revoke", "cutoff", "--agent", agent_id, "--reason", "key leak", stdin="")
+    assert r.code == 1
+    assert r.out == ""
+    assert r.err == (
+        "killswitch: error: a cut-off needs a confirmation and standard input is closed: "
+        "pass --yes\n"
+    )
+    # The console script with </dev/null, as a script or CI job would run it.
+    assert server.admin_token is not None
+    env = {"KS_URL": server.url, "KS_TOKEN": server.admin_token}
+    with open(os.devnull) as devnull:
+        result = subprocess.run(
+            [killswitch_executable(), "revoke", "cutoff", "--reason", "key leak"],
+            env=clean_env(env),
+            stdin=devnull,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "EOFError" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "pass --yes" in result.stderr
+    assert _introspect(server, issued["access_token"])  # nothing was revoked
+
+
+def test_revoking_a_revoked_task_again_answers_with_the_first_revocation(
+    cli: Cli, server: Served
+) -> None:
+    agent_id = _new_id("twice")
+    issued = _open_task(server, agent_id, _add_agent(cli, agent_id))
+    task_id = issued["task"]["id"]
+    r = cli("revoke", "task", task_id, "--reason", "first")
+    assert r.code == 0, r.err
+    first = json.loads(r.out)
+    assert "already revoked" not in r.err
+    r = cli("revoke", "task", task_id, "--reason", "second")
+    assert r.code == 0, r.err
+    again = json.loads(r.out)
+    assert again == first  # the same record: same id, seq and first reason
+    assert f"already revoked: this is revocation #{first['seq']}" in r.err
 
 
 def test_revoke_needs_an_id_and_a_reason(cli: Cli) -> None:

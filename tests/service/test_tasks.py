@@ -1,9 +1,10 @@
 """Tasks over the in-process app (SQLite and PostgreSQL): sub-tasks and attenuation,
 renewal, limit inheritance, RFC 7523 client assertions, ES256, expiry, DPoP binding,
-agent suspension and reinstatement."""
+agent suspension and reinstatement, and revoking what is already revoked."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -15,8 +16,9 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from service.clock import ManualClock
+from service.kernel.clock import ManualClock
 from tests.support.harness import AUD, ISSUER, KS, basic, bearer, running_app
+from tests.support.tokens import count_rows
 
 
 def claims_of(token: str) -> dict[str, Any]:
@@ -510,3 +512,75 @@ async def test_unknown_or_foreign_tasks_are_not_found(ks: KS) -> None:
     assert r.status_code == 404, r.text
     r = await ks.client.post("/v1/tasks", json=TASK_BODY, headers=basic(a.id, "wrong"))
     assert r.status_code == 401, r.text
+
+
+# --------------------------------------------------------------------------- revoking twice
+
+
+async def _revoke(ks: KS, target: dict[str, str], reason: str) -> Any:
+    return await ks.client.post(
+        "/v1/revocations", json={"target": target, "reason": reason}, headers=ks.admin
+    )
+
+
+async def test_revoking_a_revoked_task_answers_with_its_revocation_writes_nothing(
+    ks: KS,
+) -> None:
+    agent = await ks.agent()
+    parent = await ks.open_task(agent.headers)
+    child = await ks.open_task(bearer(parent["access_token"]))
+    target = {"type": "task", "task_id": parent["task"]["id"]}
+    first = await _revoke(ks, target, "left its scope")
+    assert first.status_code == 201, first.text
+    assert first.json()["affected_tasks"] == 2
+    before = {t: await count_rows(ks, t) for t in ("revocations", "audit_log", "outbox")}
+
+    again = await _revoke(ks, target, "once more")
+    assert again.status_code == 200, again.text
+    assert again.json() == first.json()  # the first record, its reason and counts
+    # A sub-task the parent's revocation took along answers with that revocation too.
+    child_target = {"type": "task", "task_id": child["task"]["id"]}
+    r = await _revoke(ks, child_target, "the child")
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == first.json()["id"]
+    # So does one of their credentials.
+    r = await _revoke(ks, {"type": "credential", "jti": child["jti"]}, "its credential")
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == first.json()["id"]
+    assert {t: await count_rows(ks, t) for t in before} == before
+    assert (await get_task(ks, child["task"]["id"]))["close_reason"] == "left its scope"
+
+
+async def test_revoking_a_revoked_credential_or_a_completed_task_writes_nothing(ks: KS) -> None:
+    agent = await ks.agent()
+    issued = await ks.open_task(agent.headers)
+    credential = {"type": "credential", "jti": issued["jti"]}
+    first = await _revoke(ks, credential, "leaked")
+    assert first.status_code == 201, first.text
+    again = await _revoke(ks, credential, "leaked again")
+    assert (again.status_code, again.json()) == (200, first.json())
+    # Its task is still active (a credential target leaves it): revoking it is new.
+    task = {"type": "task", "task_id": issued["task"]["id"]}
+    r = await _revoke(ks, task, "now the task")
+    assert r.status_code == 201, r.text
+
+    done = await ks.open_task(agent.headers)
+    r = await ks.client.post(f"/v1/tasks/{done['task']['id']}/complete", headers=agent.headers)
+    assert r.status_code == 200, r.text
+    count = await count_rows(ks, "revocations")
+    r = await _revoke(ks, {"type": "task", "task_id": done["task"]["id"]}, "too late")
+    assert r.status_code == 200, r.text
+    assert r.json()["source"] == "task_end"
+    assert r.json()["target"] == {"type": "task", "task_id": done["task"]["id"]}
+    assert await count_rows(ks, "revocations") == count
+    assert (await get_task(ks, done["task"]["id"]))["status"] == "completed"
+
+
+async def test_two_racing_revocations_of_one_task_write_one_record(ks: KS) -> None:
+    agent = await ks.agent()
+    issued = await ks.open_task(agent.headers)
+    target = {"type": "task", "task_id": issued["task"]["id"]}
+    answers = await asyncio.gather(*(_revoke(ks, target, f"racer {i}") for i in range(4)))
+    assert sorted(r.status_code for r in answers) == [200, 200, 200, 201], [r.text for r in answers]
+    assert len({r.json()["id"] for r in answers}) == 1
+    assert await count_rows(ks, "revocations") == 1
