@@ -63,6 +63,7 @@ from service.kernel.events import RevocationEvent, encoder  # noqa: E402
 from service.kernel.jwk import public_jwk, thumbprint  # noqa: E402
 from service.kernel.jws import b64url  # noqa: E402
 from service.sdk import DenyState, Guard, UsageEmitter  # noqa: E402
+from service.sdk.dpop import DPoPKey  # noqa: E402
 
 ISSUER = "http://killswitch.bench"
 AUD = "https://tools.internal"
@@ -88,8 +89,10 @@ class FreshFeed:
         return False
 
 
-def make_tokens(n: int) -> tuple[list[str], ed25519.Ed25519PublicKey, dict[str, Any]]:
-    private = ed25519.Ed25519PrivateKey.generate()
+def make_tokens(
+    n: int, jkt: str | None = None, private: ed25519.Ed25519PrivateKey | None = None
+) -> tuple[list[str], ed25519.Ed25519PublicKey, dict[str, Any]]:
+    private = private or ed25519.Ed25519PrivateKey.generate()
     jwk = public_jwk(private.public_key())
     kid = thumbprint(jwk)
     header = b64url(msgspec.json.encode({"alg": "EdDSA", "typ": "at+jwt", "kid": kid}))
@@ -109,6 +112,8 @@ def make_tokens(n: int) -> tuple[list[str], ed25519.Ed25519PublicKey, dict[str, 
             "exp": now + 3600,
             "task": {"id": task, "agent_id": "billing", "parent_id": None, "deadline": now + 3600},
         }
+        if jkt is not None:
+            claims["cnf"] = {"jkt": jkt}
         signing_input = header + "." + b64url(msgspec.json.encode(claims))
         tokens.append(signing_input + "." + b64url(private.sign(signing_input.encode())))
     return tokens, private.public_key(), {"keys": [{**jwk, "kid": kid, "alg": "EdDSA"}]}
@@ -166,6 +171,7 @@ def bench_checks(tokens: list[str], jwks: dict[str, Any], cached_rounds: int) ->
                 return n
 
             results["cached distinct"] = rate(distinct)
+
         verdict = guard.check_sync(working_set[0], "GET", "https://api.internal/v1/x")
         assert verdict.allowed, verdict.reason
         denied = guard.check_sync(working_set[0], "call", "tool/payments.send")
@@ -184,6 +190,31 @@ def bench_checks(tokens: list[str], jwks: dict[str, Any], cached_rounds: int) ->
 
     results["usage encode"] = rate(encode)
     return results
+
+
+def bench_dpop(cached_rounds: int) -> dict[str, float]:
+    """DPoP-bound tokens (RFC 9449): each check verifies a fresh proof (one signature and
+    the replay cache) on top of the cached path; a fresh guard per window."""
+    key = DPoPKey.generate()
+    bound, _, jwks = make_tokens(200, jkt=key.jkt)
+    url = "https://api.internal/v1/x"
+    n = 2000 * max(1, cached_rounds // 100)
+    proofs = [
+        (bound[i % len(bound)], key.proof("GET", url, access_token=bound[i % len(bound)]))
+        for i in range(n * 3)
+    ]
+    windows = iter(range(3))
+
+    def with_dpop() -> int:
+        guard = make_guard(jwks, False)
+        w = next(windows)
+        check = guard.check_sync
+        for token, proof in proofs[w * n : (w + 1) * n]:
+            if not check(token, "GET", url, dpop=proof).allowed:
+                raise SystemExit("DPoP check denied")
+        return n
+
+    return {"cached dpop": rate(with_dpop)}
 
 
 def bench_libraries(tokens: list[str], public: ed25519.Ed25519PublicKey) -> dict[str, float]:
@@ -253,6 +284,7 @@ def main() -> None:
     results: dict[str, float] = {}
     results.update(bench_libraries(tokens, public))
     results.update(bench_checks(tokens, jwks, cached_rounds=100 if args.quick else 300))
+    results.update(bench_dpop(cached_rounds=100 if args.quick else 300))
     results.update(bench_memory(200_000 if args.quick else 1_000_000))
     if args.json:
         print(json.dumps(results, indent=2))
@@ -267,6 +299,7 @@ def main() -> None:
         ("guard cached", "cached"),
         ("guard cached + usage event", "cached+usage"),
         ("guard cached, a new URL each call", "cached distinct"),
+        ("guard cached, DPoP proof verified", "cached dpop"),
         ("usage event JSON encode (emitter)", "usage encode"),
     ]
     for label, key in rows:

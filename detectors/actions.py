@@ -250,7 +250,7 @@ class Actions:
             alert_id=alert_id(finding),
             at=self._clock.now(),
             rule=finding.rule.id,
-            severity=finding.rule.severity,
+            severity=finding.severity,
             agent_id=finding.agent_id,
             task_id=finding.task_id,
             score=float(score) if isinstance(score, int | float) else None,

@@ -55,7 +55,13 @@ from detectors.state import Store, TaskState
 from service import kafka
 from service.config import Settings
 from service.kernel.clock import Clock, SystemClock
-from service.kernel.events import RevocationEvent, TaskEvent, UsageEvent, decoder
+from service.kernel.events import (
+    FeedCheckpoint,
+    RevocationEvent,
+    TaskEvent,
+    UsageEvent,
+    decoder,
+)
 
 __all__ = ["Detector", "run_detector"]
 
@@ -335,6 +341,8 @@ class Detector:
                     case RevocationEvent():
                         self.store.apply_revocation(event)
                         applied += 1
+                    case FeedCheckpoint():
+                        pass  # the service vouching for the revocation topic: no fact
                     case _:
                         log.warning("ignoring a %s event on %s", _tag(event), record.topic)
         return applied

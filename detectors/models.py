@@ -61,7 +61,7 @@ from detectors.features import (
     SequenceModel,
     TaskWindow,
 )
-from detectors.rules import Finding, Rule
+from detectors.rules import NOT_SIGNALS, Finding, Rule
 from detectors.state import AgentState, TaskState
 from service.kernel.errors import KillSwitchError
 from service.kernel.events import Severity, UsageEvent
@@ -680,7 +680,8 @@ class ModelStage:
     @staticmethod
     def signals(task: TaskState, window: TaskWindow) -> list[str]:
         """Independent deterministic signals on the task (any one allows a revocation)."""
-        found = [f"rule:{rule}" for rule in sorted(task.fired - MODEL_RULE_IDS)]
+        # A use within the revocation's propagation window is not the agent's doing.
+        found = [f"rule:{rule}" for rule in sorted(task.fired - MODEL_RULE_IDS - NOT_SIGNALS)]
         if window.novel_source:
             found.append("first_seen_source")
         if len(window.sources) >= 2:

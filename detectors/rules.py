@@ -12,7 +12,9 @@ idempotency keys, so never rename one), a severity and an action::
     limits.rate             medium    revoke  > max_rate x burst calls in 1 s, or
                                               > max_rate x 10 in 10 s
     lifecycle.use_after_end high      alert   used after the task completed, was revoked,
-                                              expired, or its credential was revoked
+                                              expired, or its credential was revoked;
+                            low               allowed within end_grace s of the end: the
+                                              revocation was still on its way to the guard
     identity.second_client  critical  revoke  one credential from a second address, user
                                               agent or proof-of-possession key
     probing.denied_burst    medium    alert   >= N denied requests of a task within W s
@@ -20,7 +22,9 @@ idempotency keys, so never rename one), a severity and an action::
 A rule reads state and returns a :class:`Finding` or ``None``; it never mutates state and
 never does I/O. :func:`evaluate` runs the rules that apply (only the lifecycle rule once a
 task is over) and suppresses a rule that already fired for the task: one action per rule
-and task, which is also the idempotency key of the revocation.
+and task, which is also the idempotency key of the revocation. The one exception is the
+low grade of the lifecycle rule: it fires at most once per task too, and does not stop a
+later high one (a use long after the end, or one the guard refused).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from service.kernel.events import Decision, Severity, UsageEvent
 
 __all__ = [
     "ALL_RULES",
+    "NOT_SIGNALS",
     "RULES_BY_ID",
     "Finding",
     "Rule",
@@ -58,6 +63,10 @@ class Thresholds:
     denied_burst: int = 10
     denied_window: float = 10.0
     leeway: float = 5.0
+    end_grace: float = 2.0
+    """lifecycle.use_after_end: a use the guard *allowed* at most this many seconds after
+    the end is the propagation window (the guard had not applied the revocation yet, a
+    request already in flight): low severity. Later, or refused by the guard: high."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +77,12 @@ class Finding:
     event: UsageEvent
     summary: str
     evidence: dict[str, Any] = field(default_factory=dict)
+    grade: Severity | None = None
+    """The severity of this finding when it differs from the rule's."""
+
+    @property
+    def severity(self) -> Severity:
+        return self.rule.severity if self.grade is None else self.grade
 
     @property
     def task_id(self) -> str:
@@ -98,9 +113,11 @@ class Rule:
     check: Check = field(repr=False, compare=False)
     description: str = ""
 
-    def finding(self, event: UsageEvent, summary: str, **evidence: Any) -> Finding:
+    def finding(
+        self, event: UsageEvent, summary: str, grade: Severity | None = None, **evidence: Any
+    ) -> Finding:
         evidence.setdefault("event_id", event.event_id)
-        return Finding(rule=self, event=event, summary=summary, evidence=evidence)
+        return Finding(rule=self, event=event, summary=summary, evidence=evidence, grade=grade)
 
 
 def _reason_is(reason: str | None, prefixes: tuple[str, ...]) -> bool:
@@ -119,13 +136,15 @@ def out_of_scope(
 ) -> Finding | None:
     scope = task.scope
     why: str | None = None
+    guard_refused = ev.decision is Decision.DENY and _reason_is(ev.reason, OUT_OF_SCOPE_REASONS)
     if scope is not None:
         # The guard's own call (CompiledScope.check), so both decide every request alike,
-        # refusals of non-canonical resources ('..', '%2F' …) included.
+        # refusals of non-canonical resources ('..', '%2F' …) included. A refusal by the
+        # guard stands even if the event's resource (cut to 2,048 characters) would pass.
         why = scope.check(ev.action, ev.resource)
-        if why is None:
+        if why is None and not guard_refused:
             return None
-    elif not (ev.decision is Decision.DENY and _reason_is(ev.reason, OUT_OF_SCOPE_REASONS)):
+    elif not guard_refused:
         return None
     return OUT_OF_SCOPE.finding(
         ev,
@@ -227,15 +246,38 @@ def use_after_end(
         if revoked_at is None:
             return None
         status, since, what = "credential revoked", revoked_at, "credential revoked"
+    after = ev.at - since
+    # Allowed right after the end: the guard had not applied the revocation yet (or the
+    # request was already in flight). That is propagation delay, not the agent's doing.
+    in_window = ev.decision is Decision.ALLOW and after <= t.end_grace
     return USE_AFTER_END.finding(
         ev,
-        f"credential used {ev.at - since:.3f}s after {what}",
+        f"credential used {after:.3f}s after {what}"
+        + (f" (allowed within the {t.end_grace:g}s propagation window)" if in_window else ""),
+        grade=Severity.LOW if in_window else None,
         status=status,
         ended_at=since,
         used_at=ev.at,
         decision=ev.decision.value,
         jti_hash=ev.jti_hash,
+        propagation_window=in_window,
+        end_grace_s=t.end_grace,
     )
+
+
+#: Marks a task whose low (propagation-window) lifecycle finding was raised: one per task.
+_END_GRACE_FIRED: Final = "lifecycle.use_after_end/low"
+#: Marks in ``TaskState.fired`` that are not a rule having fired (and so not a signal).
+NOT_SIGNALS: Final = frozenset({_END_GRACE_FIRED})
+
+
+def _mark_fired(fired: set[str], finding: Finding) -> bool:
+    """Record ``finding`` in ``fired``; False if one of its kind was already raised."""
+    key = _END_GRACE_FIRED if finding.grade is Severity.LOW else finding.rule.id
+    if key in fired:
+        return False
+    fired.add(key)
+    return True
 
 
 def _credential_revoked_at(task: TaskState, ev: UsageEvent) -> float | None:
@@ -319,16 +361,14 @@ def evaluate(
         if USE_AFTER_END.id in fired:
             return []
         finding = use_after_end(ev, task, agent, thresholds)
-        if finding is None:
+        if finding is None or not _mark_fired(fired, finding):
             return []
-        fired.add(USE_AFTER_END.id)
         return [finding]
     found: list[Finding] = []
     for rule_id, check in _LIVE_CHECKS:
         if rule_id in fired:
             continue
         finding = check(ev, task, agent, thresholds)
-        if finding is not None:
-            fired.add(rule_id)
+        if finding is not None and _mark_fired(fired, finding):
             found.append(finding)
     return found

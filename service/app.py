@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from litestar import Litestar, MediaType, Response, get
+from litestar import Litestar, MediaType, Request, Response, get
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -24,6 +25,7 @@ from service.api.agents import AgentController
 from service.api.alerts import AlertController
 from service.api.deps import ServicesDep, provide_services
 from service.api.oauth import OAuthController, WellKnownController
+from service.api.openapi import StrictStructSchemaPlugin, options_response
 from service.api.problems import EXCEPTION_HANDLERS, problem
 from service.api.revocations import RevocationController
 from service.api.strict import strict_body
@@ -46,6 +48,13 @@ async def healthz() -> dict[str, str]:
     operation_id="readyz",
     tags=["health"],
     summary="Readiness: database reachable and signing key loaded",
+    responses={
+        503: ResponseSpec(
+            data_container=dict[str, Any],
+            description="Not ready: `checks` names what failed",
+            generate_examples=False,
+        )
+    },
 )
 async def readyz(services: ServicesDep) -> Response[dict[str, Any]]:
     checks: dict[str, str] = {}
@@ -75,6 +84,15 @@ async def readyz(services: ServicesDep) -> Response[dict[str, Any]]:
 async def metrics(services: ServicesDep) -> Response[bytes]:
     services.metrics.signing_keys.set(len(services.keys.jwks()["keys"]))
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _before_request(request: Request[Any, Any, Any]) -> Response[None] | None:
+    # One app-wide hook (litestar takes one): OPTIONS is answered here with the path's real
+    # methods; every other request has its JSON body checked strictly before binding.
+    if (options := options_response(request)) is not None:
+        return options
+    await strict_body(request)
+    return None
 
 
 def _openapi() -> OpenAPIConfig:
@@ -152,7 +170,8 @@ def create_app(
         ],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
-        before_request=strict_body,
+        before_request=_before_request,
+        plugins=[StrictStructSchemaPlugin()],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=_openapi(),
         lifespan=[lifespan],

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 from urllib.parse import unquote
@@ -28,7 +29,14 @@ import jwt
 from service.config import Settings
 from service.contracts import AgentRecord, AgentStatus, Role, TaskStatus
 from service.credentials.status import StatusDeps, live_token
-from service.kernel.errors import AuthenticationError, ClientError, PermissionDenied, TokenRejected
+from service.kernel.dpop import ReplayCache, verify_proof
+from service.kernel.errors import (
+    AuthenticationError,
+    ClientError,
+    DPoPProofRejected,
+    PermissionDenied,
+    TokenRejected,
+)
 from service.kernel.jwk import load_public_jwk
 from service.kernel.tokens import TOKEN_TYPES, TokenClaims
 from service.metrics import Metrics
@@ -39,6 +47,8 @@ from service.storage import repository as repo
 class AuthDeps(StatusDeps, Protocol):
     """What authentication needs from the running service."""
 
+    @property
+    def dpop_proofs(self) -> ReplayCache: ...
     @property
     def settings(self) -> Settings: ...
     @property
@@ -85,7 +95,16 @@ def require_agent(principal: Principal) -> Principal:
     return principal
 
 
-async def authenticate(services: AuthDeps, authorization: str | None) -> Principal:
+async def authenticate(
+    services: AuthDeps,
+    authorization: str | None,
+    *,
+    dpop: Sequence[str] = (),
+    htm: str = "GET",
+    htu: str = "",
+) -> Principal:
+    """Who is calling. ``dpop`` are the request's ``DPoP`` headers and ``htm``/``htu`` its
+    method and public URL: a key-bound task credential needs its proof (RFC 9449 §7.1)."""
     if not authorization:
         raise AuthenticationError("missing Authorization header")
     scheme, _, value = authorization.partition(" ")
@@ -96,19 +115,53 @@ async def authenticate(services: AuthDeps, authorization: str | None) -> Princip
             return await _operator(services, value)
         if scheme == "basic":
             return await _agent_secret(services, value)
-        if scheme == "bearer" and value.count(".") == 2:
+        if scheme in ("bearer", "dpop") and value.count(".") == 2:
             try:
                 header = jwt.get_unverified_header(value)
             except jwt.PyJWTError:
                 raise AuthenticationError("malformed bearer token") from None
             if header.get("typ") in TOKEN_TYPES:
-                return await task_principal(services, value)
-            return await _client_assertion(services, value)
+                principal = await task_principal(services, value)
+                _check_possession(services, principal, value, scheme, dpop, htm, htu)
+                return principal
+            if scheme == "bearer":
+                return await _client_assertion(services, value)
     except AuthenticationError as exc:
         services.metrics.auth_failures.labels(kind=scheme or "none").inc()
         raise exc
     services.metrics.auth_failures.labels(kind="unsupported").inc()
-    raise AuthenticationError("unsupported Authorization scheme; use Bearer or Basic")
+    raise AuthenticationError("unsupported Authorization scheme; use Bearer, DPoP or Basic")
+
+
+def _check_possession(
+    services: AuthDeps,
+    principal: Principal,
+    token: str,
+    scheme: str,
+    proofs: Sequence[str],
+    htm: str,
+    htu: str,
+) -> None:
+    """RFC 9449 §7.1-7.2 for a task credential: a bound one needs the DPoP scheme and one
+    valid, unreplayed proof for this request signed by the bound key."""
+    verified = principal.token
+    jkt = verified.cnf_jkt if verified is not None else None
+    if jkt is None:
+        if scheme == "dpop":
+            raise AuthenticationError("the DPoP scheme is for key-bound credentials")
+        return
+    if scheme != "dpop":
+        raise DPoPProofRejected("a DPoP-bound credential travels under the DPoP scheme")
+    if len(proofs) != 1:
+        raise DPoPProofRejected("exactly one DPoP proof header is required")
+    now = services.clock.now()
+    leeway = services.settings.leeway
+    proof = verify_proof(
+        proofs[0], method=htm, url=htu, now=now, access_token=token, jkt=jkt, leeway=leeway
+    )
+    refused = services.dpop_proofs.admit(proof, now, leeway)
+    if refused is not None:
+        raise DPoPProofRejected(refused)
 
 
 async def _operator(services: AuthDeps, token: str) -> Principal:

@@ -117,6 +117,11 @@ def cmd_up(args: argparse.Namespace) -> None:
         print(state.banner, flush=True)
         return
 
+    if args.demo:
+        from service.demo import fresh_data_dir
+
+        data_dir = fresh_data_dir(data_dir)  # earlier runs' tasks and revocations stay out
+
     def _terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
@@ -125,15 +130,19 @@ def cmd_up(args: argparse.Namespace) -> None:
     try:
         refuse_if_running(data_dir)
         with up(data_dir, port=args.port, kafka=args.kafka) as stack:
-            print(stack.banner(), flush=True)
+            # `up` (with --demo too) runs until stopped; `demo` only with --keep-running.
+            keep_running = getattr(args, "keep_running", True)
+            if args.demo:
+                from service.demo import demo_banner, run_demo
+
+                print(demo_banner(stack, keep_running=keep_running), flush=True)
+            else:
+                print(stack.banner(), flush=True)
             announce(stack, pid)
             if args.demo:
-                from service.demo import run_demo
-
-                run_demo(stack)
-            else:
-                while True:
-                    _signal.pause()
+                run_demo(stack, keep_running=keep_running)
+            while keep_running:
+                _signal.pause()
     except StackError as exc:
         _die(str(exc))
     except KeyboardInterrupt:
@@ -614,17 +623,28 @@ def build_parser() -> argparse.ArgumentParser:
             help=text,
             description=text[0].upper() + text[1:] + ". Needs no Docker: the Kafka broker is "
             "the embedded tansu (memory-only) unless --kafka names one. Prints the service "
-            "URL and an admin token; Ctrl-C stops everything.",
+            "URL and an admin token; "
+            + (
+                "Ctrl-C stops everything."
+                if name == "up"
+                else "the demo runs in a fresh <data-dir>/demo-N and stops everything when "
+                "it is over, unless --keep-running (then Ctrl-C stops everything)."
+            ),
         )
         p.add_argument(
             "--data-dir",
             default=".killswitch",
-            help="data directory: SQLite, keys, tokens, logs (default %(default)s)",
+            help="data directory: SQLite, keys, tokens, logs (default %(default)s)"
+            + ("" if name == "up" else "; each demo gets a fresh demo-N directory inside it"),
         )
         p.add_argument("--port", type=int, help="service port (default 8080, or a free one)")
         p.add_argument("--kafka", help="bootstrap servers of an existing Kafka instead of tansu")
         if name == "up":
-            p.add_argument("--demo", action="store_true", help="also run the demo")
+            p.add_argument(
+                "--demo",
+                action="store_true",
+                help="also run the demo (in a fresh <data-dir>/demo-N), then keep running",
+            )
             p.add_argument(
                 "--detach",
                 action="store_true",
@@ -633,6 +653,12 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.set_defaults(func=cmd_up)
         else:
+            p.add_argument(
+                "--keep-running",
+                action="store_true",
+                help="keep the system up after the demo (to look at it in the console) "
+                "until Ctrl-C or `killswitch down --data-dir <its demo-N directory>`",
+            )
             p.set_defaults(func=cmd_demo)
 
     data_dir_help = "data directory of the `killswitch up` (default %(default)s)"

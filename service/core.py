@@ -8,7 +8,7 @@ HTTP: the litestar app and the CLI both sit on top of :class:`Services`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from service.alerts import AlertHub, AlertIngester
 from service.config import Settings
@@ -16,6 +16,7 @@ from service.credentials.keys import KeyStore
 from service.credentials.rfc9068 import TokenVerifier
 from service.kernel.clock import Clock, SystemClock
 from service.kernel.deny import DenyState
+from service.kernel.dpop import ReplayCache
 from service.kernel.ids import validate_trust_domain
 from service.metrics import Metrics
 from service.propagation import OutboxRelay, Propagator, RevocationHub, RevocationTail
@@ -23,6 +24,7 @@ from service.revocation import Revoker
 from service.storage import repository as repo
 from service.storage.database import Database, open_database
 from service.storage.migrations import migrate
+from service.usage import UsageDigest, UsageFollower
 
 log = logging.getLogger("killswitch")
 
@@ -45,6 +47,11 @@ class Services:
     """Reads the alerts topic into the database; None without KS_KAFKA_BOOTSTRAP."""
     tail: RevocationTail
     """Brings revocations committed by other replicas into this one within ~0.1 s."""
+    usage: UsageDigest = field(default_factory=UsageDigest)
+    """What each task did, folded from the usage topic (empty without Kafka)."""
+    usage_follower: UsageFollower | None = None
+    dpop_proofs: ReplayCache = field(default_factory=lambda: ReplayCache(max_age=60.0))
+    """DPoP proofs accepted on this replica (RFC 9449 §11.1 replay protection)."""
     bootstrap_admin_token: str | None = None
     """Set only on the start that generated the first admin's token; printed once, never
     logged. None when there already was an admin or KS_BOOTSTRAP_ADMIN_TOKEN was used."""
@@ -53,6 +60,8 @@ class Services:
         await self.tail.stop()
         if self.ingester is not None:
             await self.ingester.stop()
+        if self.usage_follower is not None:
+            await self.usage_follower.stop()
         if self.relay is not None:
             await self.relay.stop()
         await self.db.close()
@@ -118,6 +127,9 @@ async def start(
             await relay.start()
         if ingester is not None:
             await ingester.start()
+        if settings.kafka_bootstrap:
+            services.usage_follower = UsageFollower(settings, services.usage)
+            await services.usage_follower.start()
     except BaseException:
         await db.close()
         raise

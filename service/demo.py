@@ -7,6 +7,12 @@ then calls a tool outside its declared scope. The guard refuses that call and re
 the detector revokes the task; the guard refuses the rogue's very next call. The demo
 prints what happened and the measured kill latency: from the out-of-scope call to the
 first request the guard refused because the task was revoked.
+
+Each run gets a data directory of its own (``<data-dir>/demo-<n>``, see
+:func:`fresh_data_dir`), so what it lists is its own doing, never an earlier session's.
+By default the system stops when the demo is over; ``--keep-running`` leaves it up (for
+the console) until Ctrl-C. The demo must never present an outcome it provoked on purpose
+(the rogue's revoked task) as a warning.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -36,6 +44,40 @@ AGENTS: dict[str, tuple[list[str], list[str]]] = {
 }
 ROGUE = "intern"
 ROGUE_TARGET = "payments.send"
+
+
+DEMO_DIR = re.compile(r"demo-(\d+)")
+
+
+def fresh_data_dir(base: Path) -> Path:
+    """Create and return ``base/demo-<n>``, ``n`` one more than any demo before it."""
+    base.mkdir(parents=True, exist_ok=True)
+    taken = [int(m[1]) for p in base.iterdir() if (m := DEMO_DIR.fullmatch(p.name))]
+    n = max(taken, default=0) + 1
+    while True:
+        path = base / f"demo-{n}"
+        try:
+            path.mkdir()
+        except FileExistsError:  # another demo claimed it a moment ago
+            n += 1
+            continue
+        return path
+
+
+def demo_banner(stack: Stack, *, keep_running: bool) -> str:
+    """The stack's banner, with a last line that says what really happens next."""
+    lines = stack.banner().splitlines()
+    if keep_running:
+        lines[-1] = (
+            "The demo runs now; the system stays up after it (open the console) until "
+            "Ctrl-C or `killswitch down --data-dir " + str(stack.data_dir) + "`."
+        )
+    else:
+        lines[-1] = (
+            "The demo runs now and stops everything when it is over (Ctrl-C stops it "
+            "earlier; `killswitch demo --keep-running` keeps the system up for the console)."
+        )
+    return "\n".join(lines)
 
 
 @dataclass
@@ -120,17 +162,26 @@ async def _behave(
             run.denied += 1
             run.kill_latency_ms = (time.perf_counter() - violation_at) * 1000
             run.outcome = "revoked"
-            run.notes.append(f"next call → {r.status_code} {r.json().get('detail', '')}")
+            detail = r.json().get("detail", "")
+            run.notes.append(f"next call → {r.status_code} {detail}")
+            # The guard said the task is dead: the SDK must not try to complete it (that
+            # would be a 409 the demo provoked, logged as a warning).
+            cred.closed = detail or "task revoked"
             return
         run.outcome = "NOT revoked within 10 s"
 
 
-async def _revocation_reasons(stack: Stack) -> list[str]:
+async def _revocation_reasons(stack: Stack, task_ids: set[str]) -> list[str]:
+    """The revocations of this demo's own tasks (its database holds nothing else)."""
     headers = {"Authorization": f"Bearer {stack.admin_token}"}
     async with httpx.AsyncClient(base_url=stack.url, headers=headers, timeout=10) as api:
         r = await api.get("/v1/revocations", params={"limit": 1000})
         r.raise_for_status()
-        return [f"{v['actor']}: {v['reason']}" for v in r.json()["items"]]
+        return [
+            f"{v['actor']}: {v['reason']}"
+            for v in r.json()["items"]
+            if v["target"].get("task_id") in task_ids
+        ]
 
 
 async def _demo(stack: Stack, console: Console) -> list[AgentRun]:
@@ -178,7 +229,7 @@ async def _demo(stack: Stack, console: Console) -> list[AgentRun]:
         await guard.stop()
 
 
-def run_demo(stack: Stack) -> list[AgentRun]:
+def run_demo(stack: Stack, *, keep_running: bool = False) -> list[AgentRun]:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
     console = Console()
     runs = asyncio.run(_demo(stack, console))
@@ -194,6 +245,20 @@ def run_demo(stack: Stack) -> list[AgentRun]:
     for run in runs:
         for note in run.notes:
             console.print(f"  {run.agent}: {note}")
-    for reason in asyncio.run(_revocation_reasons(stack)):
+    for reason in asyncio.run(_revocation_reasons(stack, {r.task_id for r in runs})):
         console.print(f"  revocation by {reason}")
+    if keep_running:
+        console.print(
+            f"\nthe demo is over; the system keeps running:\n"
+            f"  console     {stack.url}/console/  (sign in with the admin token)\n"
+            f"  admin token export KS_URL={stack.url} KS_TOKEN={stack.admin_token}\n"
+            f"Ctrl-C stops everything.",
+            soft_wrap=True,
+        )
+    else:
+        console.print(
+            f"\nthe demo is over; stopping everything (its data stays in {stack.data_dir}; "
+            "`killswitch demo --keep-running` keeps the system up for the console)",
+            soft_wrap=True,
+        )
     return runs

@@ -182,3 +182,87 @@ def test_relative_link_resolves(source: str, target: str) -> None:
         assert fragment in _anchors(path), (
             f"{source} links to {target}, but {path.name} has no heading with anchor #{fragment}"
         )
+
+
+# --------------------------------------------------------------------------- stated facts
+
+
+def _squash(text: str) -> str:
+    """Markdown with line breaks folded to single spaces (a fact may wrap)."""
+    return re.sub(r"\s+", " ", text)
+
+
+def test_kafka_md_states_how_tansu_is_stopped() -> None:
+    import signal
+
+    from service.brokers import tansu
+
+    source = Path(tansu.__file__).read_text(encoding="utf-8")
+    assert "stop_signal=signal.SIGINT" in source
+    assert signal.SIGINT.name == "SIGINT"
+    doc = _squash(_text(DOCS / "kafka.md"))
+    assert f"(tansu: SIGINT, {tansu.STOP_TIMEOUT:g} s;" in doc
+    assert "test_tansu_stops_at_once_with_clients_connected" in doc
+    test_file = ROOT / "tests" / "integration" / "test_brokers.py"
+    assert "def test_tansu_stops_at_once_with_clients_connected" in _text(test_file)
+
+
+def test_detector_md_states_the_propagation_grace() -> None:
+    from detectors.rules import Thresholds
+
+    grace = Thresholds().end_grace
+    doc = _squash(_text(DOCS / "detector.md"))
+    assert f"`end_grace` = {grace:g} s" in doc
+    assert f"at most `end_grace` ({grace:g} s) after the end | **low**" in doc
+
+
+#: Each audited action and the words the threat model and the console's audit page use.
+AUDITED = {
+    "agent.register": "registration",
+    "agent.reinstate": "reinstatement",
+    "operator.create": "operator",
+    "operator.disable": "operator",
+    "keys.rotate": "key rotation",
+    "revoke": "revocation",
+    "alert.ack": "alert acknowledgement",
+    "console.sign_in": "console sign-in",
+}
+
+
+def _audited_actions() -> set[str]:
+    found: set[str] = set()
+    for path in (ROOT / "service").rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        for call in re.finditer(r"append_audit\(", text):
+            found.update(
+                re.findall(r'action="([a-z_.]+)"', text[call.end() : call.end() + 400])[:1]
+            )
+    return found
+
+
+def test_audit_log_is_described_as_it_is() -> None:
+    actions = _audited_actions()
+    assert actions, "no append_audit(... action=...) call found"
+    assert actions == set(AUDITED), "audited actions changed: update AUDITED and the docs"
+    threat = _squash(_text(DOCS / "threat-model.md")).lower()
+    page = _text(ROOT / "service" / "console" / "templates" / "audit.html").lower()
+    for words in AUDITED.values():
+        assert words in threat, words
+        assert words in page, words
+    # The table is ordinary and issuance/renewal are not in it: the page must not claim more.
+    assert "not append-only" in threat
+    assert "append-only" not in page
+    assert "every change" not in page
+    assert "renewing tasks is not recorded" in page
+
+
+def test_the_demo_options_the_docs_name_exist() -> None:
+    from service.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--keep-running"])
+    assert args.keep_running is True
+    assert build_parser().parse_args(["demo"]).keep_running is False
+    for doc in (ROOT / "README.md", OPERATIONS):
+        text = _squash(_text(doc))
+        assert "killswitch demo --keep-running" in text or "`--keep-running`" in text, doc
+        assert "demo-<n>" in text, doc

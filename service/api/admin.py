@@ -53,7 +53,7 @@ class AdminController(Controller):
         operation_id="disableOperator",
         summary="Disable an operator token at once (admin)",
         status_code=200,
-        responses=problems(401, 403, 404, 409),
+        responses=problems(400, 401, 403, 404, 409),
     )
     async def disable_operator(
         self,

@@ -52,7 +52,7 @@ class AgentController(Controller):
         "/",
         operation_id="listAgents",
         summary="List agents (viewer)",
-        responses=problems(401, 403),
+        responses=problems(400, 401, 403),
     )
     async def list_agents(
         self,
@@ -70,7 +70,7 @@ class AgentController(Controller):
         "/{agent_id:str}",
         operation_id="getAgent",
         summary="Show one agent (viewer)",
-        responses=problems(401, 403, 404),
+        responses=problems(400, 401, 403, 404),
     )
     async def get_agent(
         self, agent_id: AgentPath, principal: PrincipalDep, services: ServicesDep
@@ -83,7 +83,7 @@ class AgentController(Controller):
         operation_id="suspendAgent",
         summary="Suspend an agent (admin): revoke all its tasks, refuse new ones",
         status_code=200,
-        responses=problems(400, 401, 403, 404),
+        responses=problems(400, 401, 403, 404, 413),
     )
     async def suspend(
         self,
@@ -102,7 +102,7 @@ class AgentController(Controller):
         operation_id="reinstateAgent",
         summary="Reinstate a suspended agent (admin)",
         status_code=200,
-        responses=problems(400, 401, 403, 404, 409),
+        responses=problems(400, 401, 403, 404, 409, 413),
     )
     async def reinstate(
         self,

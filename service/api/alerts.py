@@ -10,8 +10,16 @@ from litestar.params import Body, HeaderParameter, Parameter
 from litestar.response import ServerSentEvent
 
 from service import alerts
-from service.api.deps import OPERATOR, PrincipalDep, ServicesDep, problems, provide_principal
-from service.api.sse import HEARTBEAT_SECONDS, alert_stream
+from service.api.deps import (
+    NON_NEGATIVE,
+    OPERATOR,
+    PrincipalDep,
+    ServicesDep,
+    event_stream,
+    problems,
+    provide_principal,
+)
+from service.api.sse import HEARTBEAT_SECONDS, AlertStreamEvent, alert_stream
 from service.api.strict import authenticate_guard
 from service.auth import ACK, READ, require_operator
 from service.contracts import AckAlert, AlertView, Page, TimelinePoint
@@ -22,7 +30,12 @@ AlertPath = Annotated[str, Parameter(description="The alert's alert_id", max_len
 Epoch = float | None
 Cursor = Annotated[
     int | None,
-    Parameter(ge=0, le=2**63 - 1, description="next_cursor of the last page (newest first)"),
+    Parameter(
+        ge=0,
+        le=2**63 - 1,
+        schema_extra=NON_NEGATIVE,
+        description="next_cursor of the last page (newest first)",
+    ),
 ]
 
 
@@ -82,7 +95,12 @@ class AlertController(Controller):
         "`ack` events (no id, data = the acknowledged AlertView) and a `heartbeat` event "
         f"every {HEARTBEAT_SECONDS:g} s of quiet. With `Last-Event-ID: <seq>` every alert "
         "stored after it is replayed first, then live ones follow.",
-        responses=problems(400, 401, 403),
+        responses={
+            **event_stream(
+                AlertStreamEvent, "`alert`, `ack` and `heartbeat` events, until the client leaves"
+            ),
+            **problems(400, 401, 403),
+        },
     )
     async def stream(
         self,
@@ -94,6 +112,7 @@ class AlertController(Controller):
                 name="Last-Event-ID",
                 ge=0,
                 le=2**63 - 1,
+                schema_extra=NON_NEGATIVE,
                 required=False,
                 description="seq of the last alert received; replay starts after it",
             ),
@@ -106,7 +125,7 @@ class AlertController(Controller):
         "/alerts/{alert_id:str}",
         operation_id="getAlert",
         summary="One alert (viewer)",
-        responses=problems(401, 403, 404),
+        responses=problems(400, 401, 403, 404),
     )
     async def get_alert(
         self, alert_id: AlertPath, principal: PrincipalDep, services: ServicesDep

@@ -8,6 +8,7 @@ import msgspec
 from litestar import Controller, Response, get, post
 from litestar.di import Provide
 from litestar.enums import RequestEncodingType
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Body
 
 from service.api.deps import AGENT, OPERATOR, PrincipalDep, ServicesDep, problems, provide_principal
@@ -27,6 +28,15 @@ class TokenForm(msgspec.Struct, frozen=True, kw_only=True):
 
 
 Form = Annotated[TokenForm, Body(media_type=RequestEncodingType.URL_ENCODED)]
+
+JWK_SET_JSON = "application/jwk-set+json"
+"""RFC 7517 §8.5.1: the media type of a JWK Set."""
+
+
+class JWKSet(msgspec.Struct, frozen=True, kw_only=True):
+    """RFC 7517 §5 JWK Set (documentation only: the handler serves the key store's dict)."""
+
+    keys: list[dict[str, Any]]
 
 
 class OAuthController(Controller):
@@ -74,12 +84,21 @@ class WellKnownController(Controller):
         operation_id="getJwks",
         summary="Public signing keys (RFC 7517), including retired keys with live tokens",
         cache_control=None,
+        media_type=JWK_SET_JSON,
+        responses={
+            200: ResponseSpec(
+                data_container=JWKSet,
+                description="The JWK Set",
+                media_type=JWK_SET_JSON,
+                generate_examples=False,
+            )
+        },
     )
     async def jwks(self, services: ServicesDep) -> Response[dict[str, Any]]:
         services.keys.refresh_if_changed()
         return Response(
             services.keys.jwks(),
-            media_type="application/jwk-set+json",
+            media_type=JWK_SET_JSON,
             headers={"Cache-Control": "public, max-age=60"},
         )
 

@@ -19,6 +19,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from service.kernel.errors import (
     PROBLEM_TYPE_PREFIX,
     AuthenticationError,
+    DPoPProofRejected,
     KillSwitchError,
     TokenRejected,
 )
@@ -63,6 +64,12 @@ def problem(
 
 
 def _challenge(exc: KillSwitchError) -> dict[str, str] | None:
+    if isinstance(exc, DPoPProofRejected):
+        # RFC 9449 §7.1: the DPoP scheme's challenge, with the algorithms we accept.
+        return {
+            "WWW-Authenticate": 'DPoP realm="killswitch", algs="EdDSA ES256", '
+            'error="invalid_dpop_proof"'
+        }
     if isinstance(exc, AuthenticationError | TokenRejected):
         return {"WWW-Authenticate": 'Bearer realm="killswitch", Basic realm="killswitch"'}
     return None

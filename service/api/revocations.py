@@ -6,11 +6,20 @@ from typing import Annotated
 
 from litestar import Controller, Response, get, post
 from litestar.di import Provide
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter, JSONBody, Parameter
 from litestar.response import ServerSentEvent
 
-from service.api.deps import OPERATOR, PrincipalDep, ServicesDep, problems, provide_principal
-from service.api.sse import HEARTBEAT_SECONDS, revocation_stream
+from service.api.deps import (
+    NON_NEGATIVE,
+    OPERATOR,
+    PrincipalDep,
+    ServicesDep,
+    event_stream,
+    problems,
+    provide_principal,
+)
+from service.api.sse import HEARTBEAT_SECONDS, RevocationStreamEvent, revocation_stream
 from service.api.strict import authenticate_guard
 from service.auth import READ, REVOKE, STREAM, require_operator
 from service.contracts import CreateRevocation, Page, RevocationSource, RevocationView, Role
@@ -20,7 +29,10 @@ Since = Annotated[float | None, Parameter(description="Only entries at or after 
 Limit = Annotated[int, Parameter(ge=1, le=1000, description="Page size")]
 # A seq is a 64-bit integer in both databases: a cursor outside that range is a 400.
 Cursor = Annotated[
-    int | None, Parameter(ge=0, le=2**63 - 1, description="next_cursor of the last page")
+    int | None,
+    Parameter(
+        ge=0, le=2**63 - 1, schema_extra=NON_NEGATIVE, description="next_cursor of the last page"
+    ),
 ]
 
 
@@ -39,7 +51,14 @@ class RevocationController(Controller):
         "`idempotency_key` was used before, or with the revocation that already ended a "
         "credential or task (nothing is revoked twice, nothing new is written).",
         status_code=201,
-        responses=problems(400, 401, 403, 404, 413),
+        responses={
+            200: ResponseSpec(
+                data_container=RevocationView,
+                description="Nothing new revoked: the revocation recorded earlier for this "
+                "`idempotency_key`, or the one that already ended this credential or task",
+            ),
+            **problems(400, 401, 403, 404, 413),
+        },
     )
     async def revoke(
         self, data: JSONBody[CreateRevocation], principal: PrincipalDep, services: ServicesDep
@@ -71,7 +90,13 @@ class RevocationController(Controller):
         "RevocationEvent JSON, docs/events.md) and a `heartbeat` event every "
         f"{HEARTBEAT_SECONDS:g} s. With `Last-Event-ID: <seq>` every revocation after it is "
         "replayed first, so a reconnecting guard misses nothing.",
-        responses=problems(401, 403),
+        responses={
+            **event_stream(
+                RevocationStreamEvent,
+                "`revocation` and `heartbeat` events, until the client leaves",
+            ),
+            **problems(400, 401, 403),
+        },
     )
     async def stream(
         self,
@@ -79,7 +104,14 @@ class RevocationController(Controller):
         services: ServicesDep,
         last_event_id: Annotated[
             int | None,
-            HeaderParameter(name="Last-Event-ID", ge=0, le=2**63 - 1, required=False),
+            HeaderParameter(
+                name="Last-Event-ID",
+                ge=0,
+                le=2**63 - 1,
+                schema_extra=NON_NEGATIVE,
+                required=False,
+                description="seq of the last revocation received; replay starts after it",
+            ),
         ] = None,
     ) -> ServerSentEvent:
         require_operator(principal, STREAM)
@@ -89,7 +121,7 @@ class RevocationController(Controller):
         "/revocations",
         operation_id="listRevocations",
         summary="List revocations in order (viewer)",
-        responses=problems(401, 403),
+        responses=problems(400, 401, 403),
     )
     async def list_revocations(
         self,
@@ -107,7 +139,7 @@ class RevocationController(Controller):
         "/audit",
         operation_id="listAudit",
         summary="The audit log, oldest first (viewer)",
-        responses=problems(401, 403),
+        responses=problems(400, 401, 403),
     )
     async def list_audit(
         self,

@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Literal, TypeVar
 
+import msgspec
 from litestar.response import ServerSentEventMessage
 
 from service.alerts import AlertMessage
@@ -21,6 +22,26 @@ T = TypeVar("T")
 
 HEARTBEAT_SECONDS = 2.0
 _REPLAY_PAGE = 1000
+
+
+class RevocationStreamEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """One event of ``GET /v1/revocations/stream`` as a client parses it (WHATWG HTML
+    §9.2): ``data`` is RevocationEvent JSON, or ``{"at": …}`` for a heartbeat. A
+    heartbeat has no id of its own (a parser keeps the last one)."""
+
+    event: Literal["revocation", "heartbeat"]
+    data: str
+    id: str | None = None
+
+
+class AlertStreamEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """One event of ``GET /v1/alerts/stream`` as a client parses it: ``data`` is AlertView
+    JSON (``alert``, ``ack``) or ``{"at": …}`` (``heartbeat``); ``ack`` and ``heartbeat``
+    have no id of their own."""
+
+    event: Literal["alert", "ack", "heartbeat"]
+    data: str
+    id: str | None = None
 
 
 async def _replay_then_follow(

@@ -64,6 +64,11 @@ async def authenticate_guard(
     connection: ASGIConnection[Any, Any, Any, Any], _handler: BaseRouteHandler
 ) -> None:
     services = connection.app.state.services
+    # htu is the public URL (the issuer's origin): behind a proxy the socket's differs.
     connection.state.principal = await authenticate(
-        services, connection.headers.get("authorization")
+        services,
+        connection.headers.get("authorization"),
+        dpop=connection.headers.getall("dpop", []),
+        htm=str(connection.scope.get("method", "GET")),
+        htu=services.settings.effective_issuer.rstrip("/") + connection.url.path,
     )

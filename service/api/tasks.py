@@ -62,7 +62,7 @@ class TaskController(Controller):
         operation_id="listTasks",
         summary="List tasks, newest first (viewer; an agent sees only its own)",
         security=OPERATOR + AGENT,
-        responses=problems(401, 403),
+        responses=problems(400, 401, 403),
     )
     async def list_tasks(
         self,
@@ -88,7 +88,7 @@ class TaskController(Controller):
         operation_id="getTask",
         summary="Show one task (viewer, detector, or the owning agent)",
         security=OPERATOR + AGENT,
-        responses=problems(401, 403, 404),
+        responses=problems(400, 401, 403, 404),
     )
     async def get_task(
         self, task_id: TaskPath, principal: PrincipalDep, services: ServicesDep
@@ -105,7 +105,7 @@ class TaskController(Controller):
         summary="Issue a fresh credential for an active task (owning agent)",
         status_code=200,
         security=AGENT,
-        responses=problems(401, 403, 404, 409),
+        responses=problems(400, 401, 403, 404, 409),
     )
     async def renew(
         self, task_id: TaskPath, principal: PrincipalDep, services: ServicesDep
@@ -119,7 +119,7 @@ class TaskController(Controller):
         summary="End a task: revoke its credentials and its sub-tasks' (owning agent)",
         status_code=200,
         security=AGENT,
-        responses=problems(400, 401, 403, 404, 409),
+        responses=problems(400, 401, 403, 404, 409, 413),
     )
     async def complete(
         self,

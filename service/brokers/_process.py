@@ -4,7 +4,8 @@ and the test harness (free ports, :func:`stop_process`).
 A :class:`BrokerProcess` owns one child process, the log file its stdout/stderr go to and
 (optionally) a scratch directory. It never leaks the child:
 
-* ``stop()`` is idempotent: SIGTERM, wait, then SIGKILL;
+* ``stop()`` is idempotent: its stop signal (SIGTERM unless the launcher says otherwise),
+  wait, then SIGKILL;
 * it is a context manager;
 * every live broker is stopped by an ``atexit`` hook;
 * on Linux, when started from the main thread, the child gets ``PR_SET_PDEATHSIG``
@@ -113,12 +114,14 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
         return False
 
 
-def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    """SIGTERM, wait ``timeout`` s, then SIGKILL. Does nothing if it already exited."""
+def stop_process(
+    proc: subprocess.Popen[Any], timeout: float = 10.0, sig: int = signal.SIGTERM
+) -> None:
+    """``sig`` (SIGTERM), wait ``timeout`` s, then SIGKILL. Does nothing if it already exited."""
     if proc.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -137,8 +140,8 @@ def run_sync(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
         return pool.submit(lambda: asyncio.run(factory())).result()
 
 
-def _pdeathsig_preexec() -> Callable[[], None] | None:
-    """A preexec_fn that makes the child receive SIGTERM when this thread dies (Linux only).
+def _pdeathsig_preexec(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A preexec_fn that makes the child receive ``sig`` when this thread dies (Linux only).
 
     PR_SET_PDEATHSIG fires when the *thread* that forked exits, so it is only used from
     the main thread (whose end is the process's end).
@@ -155,7 +158,7 @@ def _pdeathsig_preexec() -> Callable[[], None] | None:
     parent = os.getpid()
 
     def preexec() -> None:
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(pr_set_pdeathsig, sig, 0, 0, 0)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
 
@@ -189,6 +192,7 @@ class BrokerProcess:
         env: Mapping[str, str] | None = None,
         cleanup_dirs: Sequence[Path] = (),
         stop_timeout: float = 10.0,
+        stop_signal: int = signal.SIGTERM,
         version: str = "",
     ) -> None:
         self.kind = kind
@@ -199,6 +203,8 @@ class BrokerProcess:
         self.version = version
         self.argv = list(argv)
         self.stop_timeout = stop_timeout
+        #: what stop() (and, on Linux, the parent's death) sends first
+        self.stop_signal = stop_signal
         #: seconds from spawn to ready (set by the launcher)
         self.ready_seconds: float | None = None
         self._cleanup_dirs = list(cleanup_dirs)
@@ -215,7 +221,7 @@ class BrokerProcess:
                 cwd=cwd,
                 env=dict(env) if env is not None else None,
                 start_new_session=True,  # a terminal Ctrl-C goes to us; we stop the child
-                preexec_fn=_pdeathsig_preexec(),
+                preexec_fn=_pdeathsig_preexec(stop_signal),
             )
         except OSError as e:
             self._log.close()
@@ -272,7 +278,7 @@ class BrokerProcess:
                 time.sleep(0.02)
 
     def stop(self) -> None:
-        """Stop the broker: SIGTERM, wait ``stop_timeout`` s, then SIGKILL. Idempotent."""
+        """Stop the broker: ``stop_signal``, wait ``stop_timeout`` s, then SIGKILL. Idempotent."""
         self._stop(cleanup=not keep_artifacts())
 
     def _stop(self, *, cleanup: bool) -> None:
@@ -281,7 +287,7 @@ class BrokerProcess:
                 return
             self._stopped = True
         try:
-            stop_process(self.proc, self.stop_timeout)
+            stop_process(self.proc, self.stop_timeout, self.stop_signal)
         finally:
             self._log.close()
             with _LIVE_LOCK:

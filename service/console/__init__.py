@@ -9,7 +9,8 @@ the console can do nothing the API could not, and everything it does is audited 
 same way. JavaScript and CSS are vendored in ``static/`` (no CDN, no build step).
 
 Modules: ``sessions`` (the session store, CSRF tokens), ``web`` (guard, errors, forms),
-``signin``, ``pages`` (GET), ``actions`` (POST), ``render`` (Jinja, security headers).
+``signin``, ``pages`` (GET), ``exports`` (time-range CSV/JSON), ``actions`` (POST),
+``render`` (Jinja, security headers).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from litestar.datastructures import CacheControlHeader
 from litestar.static_files import create_static_files_router
 
 from service.console.actions import ActionsController
+from service.console.exports import ExportsController
 from service.console.pages import PagesController
 from service.console.signin import SignInController
 from service.console.web import EXCEPTION_HANDLERS
@@ -39,7 +41,13 @@ def console_router() -> Router:
     )
     return Router(
         path="/console",
-        route_handlers=[SignInController, PagesController, ActionsController, static],
+        route_handlers=[
+            SignInController,
+            PagesController,
+            ExportsController,
+            ActionsController,
+            static,
+        ],
         exception_handlers=EXCEPTION_HANDLERS,
         include_in_schema=False,
     )

@@ -1,8 +1,9 @@
 """The console's pages (GET): alerts, tasks, agents, the panic button, the audit log,
 operators, plus the two feeds the alert page's script reads with the session cookie
 (an ``EventSource`` cannot send an ``Authorization`` header): the alert stream and the
-per-minute timeline. Every page reads through the repository or a domain module; none
-changes anything."""
+per-minute timeline. The alert and audit pages take a time range (``from``/``to``, the
+same parameters as their exports in ``service.console.exports``). Every page reads
+through the repository or a domain module; none changes anything."""
 
 from __future__ import annotations
 
@@ -18,25 +19,35 @@ from service import agents, alerts, operators, tasks
 from service.api.deps import ServicesDep
 from service.api.sse import alert_stream
 from service.auth import ADMIN
+from service.console.exports import From, To, time_range
 from service.console.render import SECURITY_HEADERS
 from service.console.web import UserDep, page, provide_user, session_guard
 from service.contracts import (
     AgentTarget,
+    AlertView,
+    AuditEntry,
     CredentialTarget,
     CutoffTarget,
+    RevocationSource,
     RevocationView,
     Role,
+    TaskRecord,
     TaskStatus,
     TaskTarget,
     TimelinePoint,
 )
 from service.kernel.errors import NotFound
 from service.storage import repository as repo
+from service.usage import TaskUsage
 
 ALERTS_ON_PAGE = 100
 TASK_PAGE = 50
 ACTIVE_CAP = 1000
 SUBTASK_CAP = 200
+AUDIT_PAGE = 200
+TASK_ALERTS = 50
+AUDIT_ON_TASK = 50
+USAGE_UNAVAILABLE = "no usage reported (yet) for this task on the usage topic"
 
 Id = Annotated[str, Parameter(max_length=128)]
 
@@ -69,6 +80,131 @@ def revocation_rows(views: list[RevocationView]) -> list[dict[str, Any]]:
     ]
 
 
+def range_context(start: str | None, end: str | None) -> dict[str, Any]:
+    """The search form's values and the query string the export links carry."""
+    params = {k: v.strip() for k, v in (("from", start), ("to", end)) if v and v.strip()}
+    return {
+        "from": params.get("from", ""),
+        "to": params.get("to", ""),
+        "params": params,
+        "query": urlencode(params),
+        "active": bool(params),
+    }
+
+
+def _evidence_values(found: list[AlertView], keys: tuple[str, ...]) -> list[str]:
+    seen: dict[str, None] = {}
+    for a in found:
+        for key in keys:
+            value = a.evidence.get(key)
+            if isinstance(value, str) and value:
+                seen.setdefault(value, None)
+    return list(seen)
+
+
+def usage_summary(
+    credentials: list[dict[str, Any]], found: list[AlertView], seen: TaskUsage | None
+) -> dict[str, Any]:
+    """What is known of a task's use: the guards' reports on the usage topic as the
+    service's digest holds them (``service.usage``; none without Kafka, or before any
+    guard reported), and what the service itself recorded. Nothing is estimated."""
+    reported: dict[str, Any] | None = None
+    if seen is not None:
+        reported = {
+            "calls": seen.calls,
+            "denied": seen.denied,
+            "bytes_out": seen.bytes_out,
+            "first_at": seen.first_at,
+            "last_at": seen.last_at,
+            "resources": seen.resources.most_common(20),
+            "other_resources": seen.other_resources + max(0, len(seen.resources) - 20),
+            "sources": seen.sources.most_common(20),
+            "denied_reasons": seen.denied_reasons.most_common(5),
+        }
+    return {
+        "reported": reported,
+        "unavailable": USAGE_UNAVAILABLE,
+        "credentials_issued": len(credentials),
+        "renewals": max(0, len(credentials) - 1),
+        "credentials_revoked": sum(1 for c in credentials if c["revoked_at"] is not None),
+        "alerts": len(found),
+        "alerts_capped": len(found) == TASK_ALERTS,
+        "resources_in_alerts": _evidence_values(found, ("resource",)),
+        "sources_in_alerts": _evidence_values(found, ("address", "user_agent", "workload")),
+    }
+
+
+def task_history(
+    record: TaskRecord,
+    credentials: list[dict[str, Any]],
+    found: list[AlertView],
+    ended: RevocationView | None,
+) -> list[dict[str, Any]]:
+    """The task's life from what the service holds, oldest first: opened, each credential
+    issued (the first at opening, later ones renewals) and revoked, each alert, the
+    revocation that ended it, its close."""
+    events: list[dict[str, Any]] = [
+        {"at": record.created_at, "event": "task opened", "detail": record.purpose or ""}
+    ]
+    for i, c in enumerate(sorted(credentials, key=lambda c: c["issued_at"])):
+        events.append(
+            {
+                "at": c["issued_at"],
+                "event": "credential issued" if i == 0 else "credential renewed",
+                "detail": f"jti {c['jti_hash'][:12]}…, signing key {c['kid']}",
+            }
+        )
+        if c["revoked_at"] is not None:
+            events.append(
+                {
+                    "at": c["revoked_at"],
+                    "event": "credential revoked",
+                    "detail": f"jti {c['jti_hash'][:12]}…",
+                }
+            )
+    for a in found:
+        summary = a.evidence.get("summary")
+        events.append(
+            {
+                "at": a.at,
+                "event": f"alert ({a.severity.value})",
+                "detail": f"{a.rule}: {summary}" if isinstance(summary, str) else a.rule,
+            }
+        )
+    if ended is not None:
+        events.append(
+            {
+                "at": ended.created_at,
+                "event": "completed" if ended.source is RevocationSource.TASK_END else "revoked",
+                "detail": f"{target_label(ended)} by {ended.actor} ({ended.source.value}): "
+                f"{ended.reason}",
+            }
+        )
+    if record.closed_at is not None and ended is None:
+        events.append(
+            {"at": record.closed_at, "event": "closed", "detail": record.close_reason or ""}
+        )
+    events.sort(key=lambda e: e["at"])
+    return events
+
+
+async def task_audit(
+    services: ServicesDep, task_id: str, ended: RevocationView | None
+) -> list[AuditEntry]:
+    """Audit entries naming the task, plus the entry of the agent revocation that ended
+    it (its subject names the agent, not the task)."""
+    subject = f"task:{task_id}"
+    subjects = [subject]
+    if ended is not None and isinstance(ended.target, AgentTarget):
+        subjects.append(f"agent:{ended.target.agent_id}")
+    found = await repo.audit_of_subjects(services.db, subjects, limit=AUDIT_ON_TASK)
+    return [
+        e
+        for e in found
+        if e.subject == subject or (ended is not None and e.detail.get("revocation_id") == ended.id)
+    ]
+
+
 class PagesController(Controller):
     path = "/"
     include_in_schema = False
@@ -77,11 +213,28 @@ class PagesController(Controller):
 
     @get("/alerts", operation_id="consoleAlerts", summary="Live alert feed")
     async def alerts_page(
-        self, request: Request[Any, Any, Any], user: UserDep, services: ServicesDep
+        self,
+        request: Request[Any, Any, Any],
+        user: UserDep,
+        services: ServicesDep,
+        start: From = None,
+        end: To = None,
     ) -> Response[str]:
-        recent = await repo.list_alerts(services.db, limit=ALERTS_ON_PAGE)
+        since, until = time_range(start, end)
+        recent = await repo.list_alerts(services.db, since=since, until=until, limit=ALERTS_ON_PAGE)
         last_seq = max((a.seq for a in recent), default=0)
-        return page(request, user, "alerts.html", "alerts", alerts=recent, last_seq=last_seq)
+        return page(
+            request,
+            user,
+            "alerts.html",
+            "alerts",
+            alerts=recent,
+            last_seq=last_seq,
+            # A closed range is a search of the past: new alerts do not belong in it.
+            live=until is None,
+            search=range_context(start, end),
+            cap=ALERTS_ON_PAGE,
+        )
 
     @get("/alerts/stream", operation_id="consoleAlertStream", summary="Alert SSE for the page")
     async def alert_feed(
@@ -164,7 +317,9 @@ class PagesController(Controller):
             if sub is not None:
                 subtasks.append(tasks.view(sub, now))
         subtasks.sort(key=lambda t: t.created_at)
-        recent = await repo.list_alerts(services.db, task_id=task_id, limit=50)
+        recent = await repo.list_alerts(services.db, task_id=task_id, limit=TASK_ALERTS)
+        ended = await repo.revocation_that_ended(services.db, task_id=task_id)
+        audit = await task_audit(services, task_id, ended)
         return page(
             request,
             user,
@@ -174,6 +329,11 @@ class PagesController(Controller):
             credentials=credentials,
             subtasks=subtasks,
             alerts=recent,
+            ended=revocation_rows([ended])[0] if ended is not None else None,
+            ended_by_revocation=ended is not None and ended.source is not RevocationSource.TASK_END,
+            audit=audit,
+            usage=usage_summary(credentials, recent, services.usage.of(task_id)),
+            history=task_history(record, credentials, recent, ended),
         )
 
     @get("/agents", operation_id="consoleAgents", summary="Registered agents")
@@ -246,10 +406,25 @@ class PagesController(Controller):
         user: UserDep,
         services: ServicesDep,
         before: Annotated[int | None, QueryParameter(ge=0, le=2**63 - 1)] = None,
+        start: From = None,
+        end: To = None,
     ) -> Response[str]:
-        entries = await repo.recent_audit(services.db, before_seq=before, limit=200)
-        older = entries[-1].seq if len(entries) == 200 else None
-        return page(request, user, "audit.html", "audit", entries=entries, older=older)
+        since, until = time_range(start, end)
+        entries = await repo.recent_audit_between(
+            services.db, since=since, until=until, before_seq=before, limit=AUDIT_PAGE
+        )
+        older = entries[-1].seq if len(entries) == AUDIT_PAGE else None
+        ranged = range_context(start, end)
+        return page(
+            request,
+            user,
+            "audit.html",
+            "audit",
+            entries=entries,
+            older=older,
+            older_query=urlencode({**ranged["params"], "before": older or ""}),
+            search=ranged,
+        )
 
     @get("/operators", operation_id="consoleOperators", summary="Operators (admin)")
     async def operators_page(

@@ -15,6 +15,8 @@ Nothing in this module performs I/O.
     ├── NotFound                         404  no such thing (or you may not know it exists)
     ├── Conflict                         409  state forbids it (task closed, already reinstated)
     ├── TokenRejected                    401  a presented access token failed verification
+    │   └── DPoPProofRejected            401  its RFC 9449 proof of possession did not
+    │                                         check out (``invalid_dpop_proof``)
     └── RevocationStateUnavailable       503  an enforcement point cannot vouch for
                                               revocation state: it fails closed
 
@@ -108,6 +110,14 @@ class TokenRejected(KillSwitchError):
     ) -> None:
         super().__init__(detail, extra=extra)
         self.permanent = permanent
+
+
+class DPoPProofRejected(TokenRejected):
+    """A DPoP proof (RFC 9449 §4.3) is missing, malformed, for another request, replayed,
+    or signed by a key other than the one the credential is bound to."""
+
+    type_slug = "invalid-dpop-proof"
+    title = "Invalid DPoP proof"
 
 
 class RevocationStateUnavailable(KillSwitchError):

@@ -1,8 +1,9 @@
 """``GuardMiddleware``: a pure ASGI middleware that puts a :class:`Guard` in front of an app.
 
 Works with any ASGI 3 framework (litestar, starlette, FastAPI, …). For each HTTP request
-it reads ``Authorization: Bearer <credential>``, asks the guard about
-``(action_for(scope), resource_for(scope))`` and either passes the request on — with the
+it reads ``Authorization: Bearer <credential>`` (or ``DPoP <credential>`` with one
+``DPoP`` proof header, RFC 9449 §7.1, which a key-bound credential needs), asks the
+guard about ``(action_for(scope), resource_for(scope))`` and either passes the request on — with the
 verified claims in ``scope["state"]["killswitch"]`` — or answers itself with an RFC 9457
 ``application/problem+json`` body:
 
@@ -11,6 +12,8 @@ verdict outcome         status  ``WWW-Authenticate`` (RFC 6750 §3)
 ======================  ======  ==================================================
 no credential           401     ``Bearer realm="…"`` (no error code, §3.1)
 invalid_token           401     ``Bearer realm="…", error="invalid_token", …``
+invalid_dpop_proof      401     ``DPoP realm="…", algs="EdDSA ES256",
+                                error="invalid_dpop_proof", …`` (RFC 9449 §7.1)
 insufficient_scope      403     ``Bearer realm="…", error="insufficient_scope", …``
 revoked                 403     ``Bearer realm="…", error="invalid_token", …``
 unavailable (fail       503     none; ``Retry-After: 1``
@@ -33,6 +36,7 @@ from typing import Any, Final
 
 from service.kernel.errors import (
     PROBLEM_TYPE_PREFIX,
+    DPoPProofRejected,
     KillSwitchError,
     PermissionDenied,
     RevocationStateUnavailable,
@@ -52,6 +56,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # Each outcome answers as the kernel's error of that kind: its status, slug and title.
 _ERRORS: Final[dict[Outcome, type[KillSwitchError]]] = {
     Outcome.INVALID: TokenRejected,
+    Outcome.INVALID_DPOP: DPoPProofRejected,
     Outcome.FORBIDDEN: PermissionDenied,
     Outcome.REVOKED: PermissionDenied,
     Outcome.UNAVAILABLE: RevocationStateUnavailable,
@@ -123,17 +128,42 @@ class GuardMiddleware:
         if kind not in ("http", "websocket") or scope["path"] in self.skip_paths:
             await self.app(scope, receive, send)
             return
-        token = _bearer(scope)
+        scheme, token, proofs = _credentials(scope)
         action = self.action_for(scope)
         resource = self.resource_for(scope)
         source = self.source_for(scope)
         guard = self.guard
         if token is None:
             verdict = Verdict(allowed=False, reason="missing token", outcome=Outcome.INVALID)
+        elif len(proofs) > 1:
+            # RFC 9449 §4.3 item 1: exactly one DPoP header.
+            verdict = Verdict(
+                allowed=False, reason="more than one DPoP header", outcome=Outcome.INVALID_DPOP
+            )
         else:
             # A dot-segment or encoded slash in the path is refused by the guard itself
-            # (service.kernel.resources), as "out of scope": 403 insufficient_scope.
-            verdict = await guard.check(token, action, resource, emit=False)
+            # (service.kernel.resources), as "out of scope": 403 insufficient_scope. A
+            # DPoP-bound credential needs a proof for this method and URL (RFC 9449 §7.1).
+            verdict = await guard.check(
+                token,
+                action,
+                resource,
+                emit=False,
+                dpop=proofs[0] if proofs else None,
+                htm=scope.get("method", "GET"),
+                htu=default_resource(scope),
+            )
+            if verdict.allowed and scheme == "bearer" and _bound(verdict):
+                # §7.2: a bound credential travels under the DPoP scheme, not Bearer.
+                verdict = Verdict(
+                    allowed=False,
+                    reason="DPoP-bound credential presented with the Bearer scheme",
+                    claims=verdict.claims,
+                    outcome=Outcome.INVALID_DPOP,
+                    agent_id=verdict.agent_id,
+                    task_id=verdict.task_id,
+                    jti_hash=verdict.jti_hash,
+                )
         if verdict.allowed:
             await self._forward(scope, receive, send, verdict, action, resource, source)
             return
@@ -202,6 +232,12 @@ class GuardMiddleware:
         if not had_token:
             return realm  # RFC 6750 §3.1: no error code when no credential was sent
         description = reason.replace("\\", "").replace('"', "'")[:200]
+        if outcome is Outcome.INVALID_DPOP:
+            # RFC 9449 §7.1: the DPoP scheme's challenge, with the algorithms we accept.
+            return (
+                f'DPoP realm="{self.realm}", algs="EdDSA ES256", error="invalid_dpop_proof", '
+                f'error_description="{description}"'
+            )
         if outcome in (Outcome.INVALID, Outcome.REVOKED):
             return f'{realm}, error="invalid_token", error_description="{description}"'
         if outcome is Outcome.FORBIDDEN:
@@ -209,14 +245,26 @@ class GuardMiddleware:
         return None
 
 
-def _bearer(scope: Scope) -> str | None:
+def _credentials(scope: Scope) -> tuple[str, str | None, list[str]]:
+    """(scheme, token, DPoP proofs): ``Authorization: Bearer|DPoP <token>`` (RFC 6750,
+    RFC 9449 §7.1) and every ``DPoP`` header (the caller insists on exactly one)."""
+    scheme, token = "", None
+    proofs: list[str] = []
     for name, value in scope.get("headers", ()):
-        if name == b"authorization":
+        if name == b"authorization" and token is None:
             text: str = value.decode("latin-1")
-            scheme, _, credential = text.partition(" ")
+            kind, _, credential = text.partition(" ")
             credential = credential.strip()
-            return credential if scheme.lower() == "bearer" and credential else None
-    return None
+            if kind.lower() in ("bearer", "dpop") and credential:
+                scheme, token = kind.lower(), credential
+        elif name == b"dpop":
+            proofs.append(value.decode("latin-1").strip())
+    return scheme, token, proofs
+
+
+def _bound(verdict: Verdict) -> bool:
+    cnf = verdict.claims.get("cnf") if verdict.claims is not None else None
+    return isinstance(cnf, dict) and "jkt" in cnf
 
 
 def _source(scope: Scope) -> Source:

@@ -39,6 +39,8 @@ from typing import Any
 
 import httpx
 
+from service.sdk.dpop import DPoPKey
+
 __all__ = [
     "ConflictError",
     "Forbidden",
@@ -122,16 +124,45 @@ class _BearerAuth(httpx.Auth):
         yield request
 
 
-class TaskCredential:
-    """The live credential of one open task. ``token`` is always the newest one."""
+class _DPoPAuth(httpx.Auth):
+    """RFC 9449 §7.1: ``Authorization: DPoP <token>`` and a fresh proof per request; one
+    retry with the server's ``DPoP-Nonce`` when it asks for one (§8)."""
 
-    def __init__(self, issued: dict[str, Any]) -> None:
+    def __init__(self, credential: TaskCredential, key: DPoPKey) -> None:
+        self._credential = credential
+        self._key = key
+
+    def _sign(self, request: httpx.Request, nonce: str | None) -> None:
+        token = self._credential.token
+        request.headers["Authorization"] = f"DPoP {token}"
+        request.headers["DPoP"] = self._key.proof(
+            request.method, str(request.url), access_token=token, nonce=nonce
+        )
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        self._sign(request, None)
+        response = yield request
+        nonce = response.headers.get("DPoP-Nonce")
+        if response.status_code in (400, 401) and nonce:
+            self._sign(request, nonce)
+            yield request
+
+
+class TaskCredential:
+    """The live credential of one open task. ``token`` is always the newest one.
+
+    With ``dpop_key`` set the credential is bound to that key (``cnf.jkt``): ``auth``
+    signs a DPoP proof for every request, and the bare ``headers`` are refused.
+    """
+
+    def __init__(self, issued: dict[str, Any], dpop_key: DPoPKey | None = None) -> None:
         self.task_id: str = issued["task"]["id"]
         self.renewals = 0
         self.closed: str | None = None
         """Why the task ended under us (revoked, expired), if it did."""
         self.last_error: Exception | None = None
-        self.auth: httpx.Auth = _BearerAuth(self)
+        self.dpop_key = dpop_key
+        self.auth: httpx.Auth = _BearerAuth(self) if dpop_key is None else _DPoPAuth(self, dpop_key)
         self._update(issued)
 
     def _update(self, issued: dict[str, Any]) -> None:
@@ -144,7 +175,19 @@ class TaskCredential:
 
     @property
     def headers(self) -> dict[str, str]:
+        """``Authorization`` for a bearer credential (use :meth:`headers_for` with DPoP)."""
+        if self.dpop_key is not None:
+            raise TypeError("a DPoP-bound credential needs a proof: use headers_for(method, url)")
         return {"Authorization": f"Bearer {self.token}"}
+
+    def headers_for(self, method: str, url: str) -> dict[str, str]:
+        """The headers of one request to ``method url`` (a fresh proof when bound)."""
+        if self.dpop_key is None:
+            return {"Authorization": f"Bearer {self.token}"}
+        return {
+            "Authorization": f"DPoP {self.token}",
+            "DPoP": self.dpop_key.proof(method, url, access_token=self.token),
+        }
 
     def __repr__(self) -> str:
         return f"TaskCredential(task_id={self.task_id!r}, renewals={self.renewals})"
@@ -204,14 +247,21 @@ class KillSwitchClient:
         ttl: int | None = None,
         limits: dict[str, Any] | None = None,
         purpose: str = "",
+        dpop: bool | DPoPKey = False,
     ) -> TaskCredential:
+        """Open a task. ``dpop=True`` binds its credentials to a fresh in-memory key
+        (RFC 9449; pass a :class:`DPoPKey` to choose it): a copied token is then useless
+        without the key, which never leaves this process."""
         body: dict[str, Any] = {
             "scope": {"grants": list(grants), "audiences": list(audiences), "limits": limits or {}},
             "purpose": purpose,
         }
         if ttl is not None:
             body["ttl"] = ttl
-        return TaskCredential(await self._post("/v1/tasks", body))
+        key = dpop if isinstance(dpop, DPoPKey) else DPoPKey.generate() if dpop else None
+        if key is not None:
+            body["dpop_jkt"] = key.jkt
+        return TaskCredential(await self._post("/v1/tasks", body), key)
 
     async def renew(self, credential: TaskCredential) -> None:
         credential._update(await self._post(f"/v1/tasks/{credential.task_id}/renew"))
@@ -229,10 +279,11 @@ class KillSwitchClient:
         ttl: int | None = None,
         limits: dict[str, Any] | None = None,
         purpose: str = "",
+        dpop: bool | DPoPKey = False,
     ) -> AsyncIterator[TaskCredential]:
         """Open a task for the ``async with`` block; renew while it runs; complete after."""
         credential = await self.open_task(
-            grants=grants, audiences=audiences, ttl=ttl, limits=limits, purpose=purpose
+            grants=grants, audiences=audiences, ttl=ttl, limits=limits, purpose=purpose, dpop=dpop
         )
         renewer = asyncio.create_task(self._keep_fresh(credential), name="killswitch-renew")
         reason = "task completed"

@@ -48,7 +48,8 @@ import msgspec
 
 from service.kernel import tokens
 from service.kernel.deny import DenyState, jti_key
-from service.kernel.errors import KillSwitchError, TokenRejected
+from service.kernel.dpop import DPoPProof, ReplayCache, verify_proof
+from service.kernel.errors import DPoPProofRejected, KillSwitchError, TokenRejected
 from service.kernel.events import Decision, Source, UsageEvent
 from service.kernel.jwk import PublicKey, load_public_jwk
 from service.kernel.jws import ALGORITHMS
@@ -80,6 +81,8 @@ class Outcome(StrEnum):
     ALLOWED = "allowed"
     INVALID = "invalid_token"
     """Missing, malformed, forged, expired, or not for this audience (HTTP 401)."""
+    INVALID_DPOP = "invalid_dpop_proof"
+    """A DPoP-bound credential without a valid proof of possession (RFC 9449; HTTP 401)."""
     FORBIDDEN = "insufficient_scope"
     """Valid, but the action/resource is outside the declared scope (HTTP 403)."""
     REVOKED = "revoked"
@@ -109,6 +112,7 @@ class _Entry:
         "claims",
         "expires",
         "iat",
+        "jkt",
         "jti_hash",
         "key",
         "scope",
@@ -133,6 +137,10 @@ class _Entry:
         self.task_id = task_id
         self.agent_id = agent_id
         self.iat = iat
+        cnf = claims.get("cnf")
+        jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
+        self.jkt: str | None = jkt if isinstance(jkt, str) else None
+        """RFC 9449 §6.1: requests must carry a proof signed by this key."""
         self.allow = self.verdict(True, "allowed", Outcome.ALLOWED)
 
     def verdict(self, allowed: bool, reason: str, outcome: Outcome) -> Verdict:
@@ -174,6 +182,8 @@ class Guard:
         jwks_min_interval: float = 5.0,
         guard_id: str | None = None,
         http: httpx.AsyncClient | None = None,
+        dpop_max_age: float = 60.0,
+        dpop_replay_cache: int = 1_000_000,
     ) -> None:
         self.issuer = issuer.rstrip("/")
         self.audience = audience
@@ -188,6 +198,8 @@ class Guard:
         self.leeway = leeway
         self.jwks_min_interval = jwks_min_interval
         self.guard_id = guard_id or default_guard_id()
+        self.dpop_max_age = dpop_max_age
+        self._proofs = ReplayCache(dpop_max_age, dpop_replay_cache)
         self.jwks_fetches = 0
         self._clock = clock
         self._state: DenyState = feed.state
@@ -325,15 +337,20 @@ class Guard:
         bytes_out: int = 0,
         source: Source | None = None,
         emit: bool = True,
+        dpop: str | None = None,
+        htm: str | None = None,
+        htu: str | None = None,
     ) -> Verdict:
         """:meth:`check_sync`, but an unknown ``kid`` first refetches the JWKS (rotation)."""
-        verdict = self.check_sync(token, action, resource, emit=False)
+        verdict = self.check_sync(token, action, resource, emit=False, dpop=dpop, htm=htm, htu=htu)
         if verdict.reason == UNKNOWN_KID:
             refetch = self._refetch
             if refetch is not None and not refetch.done():
                 # shield: a cancelled request must not cancel the fetch others wait on
                 await asyncio.shield(refetch)
-                verdict = self.check_sync(token, action, resource, emit=False)
+                verdict = self.check_sync(
+                    token, action, resource, emit=False, dpop=dpop, htm=htm, htu=htu
+                )
         if emit:
             self.record(verdict, action, resource, bytes_out=bytes_out, source=source)
         return verdict
@@ -347,8 +364,16 @@ class Guard:
         bytes_out: int = 0,
         source: Source | None = None,
         emit: bool = True,
+        dpop: str | None = None,
+        htm: str | None = None,
+        htu: str | None = None,
     ) -> Verdict:
-        """Decide, without awaiting anything. ``emit=False`` leaves reporting to :meth:`record`."""
+        """Decide, without awaiting anything. ``emit=False`` leaves reporting to :meth:`record`.
+
+        ``dpop`` is the request's ``DPoP`` header (RFC 9449), required for a credential
+        bound to a key (``cnf.jkt``); ``htm``/``htu`` are the HTTP method and URL it must
+        name (default: ``action`` and ``resource``).
+        """
         entry = self._cache.get(token)
         now = self._clock()
         if entry is None:
@@ -361,6 +386,11 @@ class Guard:
         if now >= entry.expires:
             self._cache.pop(token, None)
             verdict = entry.verdict(False, "token expired", Outcome.INVALID)
+        elif entry.jkt is not None and isinstance(
+            proven := self._possession(entry, token, dpop, htm or action, htu or resource, now),
+            str,
+        ):
+            verdict = entry.verdict(False, proven, Outcome.INVALID_DPOP)
         else:
             feed = self.feed
             state = self._state
@@ -380,6 +410,28 @@ class Guard:
             self.record(verdict, action, resource, bytes_out=bytes_out, source=source)
         return verdict
 
+    def _possession(
+        self, entry: _Entry, token: str, proof: str | None, htm: str, htu: str, now: float
+    ) -> DPoPProof | str:
+        """RFC 9449 §4.3 and §7.1 for a bound credential: the proof, or why it fails."""
+        if proof is None:
+            return "DPoP proof required: the credential is bound to a key (cnf.jkt)"
+        try:
+            checked = verify_proof(
+                proof,
+                method=htm,
+                url=htu,
+                now=now,
+                access_token=token,
+                jkt=entry.jkt,
+                max_age=self.dpop_max_age,
+                leeway=self.leeway,
+            )
+        except DPoPProofRejected as exc:
+            return exc.detail
+        refused = self._proofs.admit(checked, now, self.leeway)
+        return checked if refused is None else refused
+
     def record(
         self,
         verdict: Verdict,
@@ -398,6 +450,13 @@ class Guard:
         if len(action) > _TEXT_MAX:
             action = action[:_TEXT_MAX]
         allowed = verdict.allowed
+        if allowed and verdict.claims is not None and "cnf" in verdict.claims:
+            # A bound credential passed with a valid proof: the proof's key (= cnf.jkt) is
+            # the workload signal the detector weighs against theft (Source.jkt).
+            cnf = verdict.claims["cnf"]
+            jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
+            if isinstance(jkt, str):
+                source = msgspec.structs.replace(source or _NO_SOURCE, jkt=jkt)
         usage.emit(
             UsageEvent(
                 event_id=self._event_prefix + str(next(self._event_ids)),

@@ -20,7 +20,11 @@ from the start and only then allows again when it finds that the log under it ch
 * the broker answers "offset out of range" (auto reset is off: nothing is skipped
   silently);
 * a checkpoint of a *different* epoch arrives after the feed was ready (the service
-  rebuilt the topic: records before the feed's position may be new).
+  rebuilt the topic: records before the feed's position may be new);
+* the offset of the newest checkpoint it saw no longer holds that checkpoint (read back
+  every ``verify_interval`` by a second consumer): a log rebuilt under the feed can grow
+  past the feed's position with its new checkpoint *behind* that position, which none
+  of the signs above would show.
 
 Any other error (a dropped connection, a broker away for a while) is not a reset: the
 feed reconnects and resumes at the position it had reached, still ready, and goes stale
@@ -196,6 +200,8 @@ class KafkaRevocationFeed(_FeedBase):
         self.last_reset_reason: str | None = None
         self._resume: dict[TopicPartition, int] = {}
         """Positions reached while ready: where a reconnect carries on."""
+        self._checkpoint_at: tuple[TopicPartition, int] | None = None
+        """Where the newest checkpoint seen sits (verified every ``verify_interval``)."""
 
     async def _run(self) -> None:
         backoff = 0.1
@@ -228,6 +234,7 @@ class KafkaRevocationFeed(_FeedBase):
         self.last_reset_reason = reason
         self.ready.clear()
         self._resume.clear()
+        self._checkpoint_at = None
         log.warning("revocation log reset (%s): replaying %s from the start", reason, self.topic)
 
     async def _partitions(self, consumer: Any) -> list[TopicPartition]:
@@ -266,7 +273,12 @@ class KafkaRevocationFeed(_FeedBase):
         # No silent auto-reset: an out-of-range offset is a reset we must see.
         options: dict[str, Any] = {"auto_offset_reset": "none", **self.consumer_options}
         consumer = kafka.consumer(self.settings, client_id=self.client_id, group_id=None, **options)
+        # A second consumer only reads the checkpoint back (see _verify_checkpoint).
+        probe = kafka.consumer(
+            self.settings, client_id=self.client_id + "-probe", group_id=None, **options
+        )
         await consumer.start()
+        await probe.start()
         try:
             tps = await self._partitions(consumer)
             consumer.assign(tps)
@@ -276,17 +288,18 @@ class KafkaRevocationFeed(_FeedBase):
                     consumer.seek(tp, resume[tp])
             else:
                 self.ready.clear()
+                self._checkpoint_at = None
                 await consumer.seek_to_beginning(*tps)
             polled: dict[TopicPartition, int | None] = dict.fromkeys(tps)
             checkpointed = False
             replayed_from = self.state.applied
-            listed_at = time.monotonic()
+            listed_at = verified_at = float("-inf")  # a resumed feed proves itself first
             while True:
                 try:
                     batch = await consumer.getmany(*tps, timeout_ms=self.poll_ms)
                 except OffsetOutOfRangeError as exc:
                     raise LogReset(f"offset out of range: {exc}") from None
-                for records in batch.values():
+                for tp_of, records in batch.items():
                     for record in records:
                         if record.value is None:  # a tombstone revokes nothing
                             continue
@@ -297,6 +310,7 @@ class KafkaRevocationFeed(_FeedBase):
                             self.epoch = checkpoint.epoch
                             raise LogReset(f"topic rebuilt (epoch {checkpoint.epoch})")
                         self.epoch = checkpoint.epoch
+                        self._checkpoint_at = (tp_of, record.offset)
                         checkpointed = True
                 caught_up = await self._check_log(consumer, tps)
                 if self.ready.is_set():
@@ -306,6 +320,8 @@ class KafkaRevocationFeed(_FeedBase):
                 if now - listed_at >= self.verify_interval:
                     await self._listed(consumer, tps)
                     listed_at = now
+                    if await self._verify_checkpoint(probe):
+                        verified_at = now
                 # Proof of life: a fetch completed since the last look, on a log that is
                 # still listed and not behind us.
                 fetched = False
@@ -314,7 +330,7 @@ class KafkaRevocationFeed(_FeedBase):
                     if stamp is not None and stamp != polled[tp]:
                         polled[tp] = stamp
                         fetched = True
-                if fetched and now - listed_at < 2 * self.verify_interval:
+                if fetched and now - verified_at < 2 * self.verify_interval:
                     self.last_heard = now
                 if not self.ready.is_set() and caught_up and checkpointed:
                     self.ready.set()
@@ -325,8 +341,42 @@ class KafkaRevocationFeed(_FeedBase):
                         self.epoch,
                     )
         finally:
-            with contextlib.suppress(Exception):
-                await consumer.stop()
+            for client in (consumer, probe):
+                with contextlib.suppress(Exception):
+                    await client.stop()
+
+    async def _verify_checkpoint(self, probe: Any) -> bool:
+        """Is the checkpoint we last saw still at its offset? Raise :class:`LogReset` if
+        the log says no; False when it cannot tell yet (no proof of life then).
+
+        A log rebuilt under a feed can grow past the feed's position before the feed
+        looks, with the new checkpoint *behind* it: neither the high-water mark nor a new
+        epoch would show. The old checkpoint's record can: in a log rebuilt or recreated,
+        that offset holds something else, or nothing. Until the feed has seen a
+        checkpoint (replaying), there is nothing to check.
+        """
+        if self._checkpoint_at is None or not self.ready.is_set():
+            return True
+        tp, offset = self._checkpoint_at
+        probe.assign([tp])
+        probe.seek(tp, offset)
+        try:
+            batch = await probe.getmany(tp, timeout_ms=self.poll_ms, max_records=1)
+        except OffsetOutOfRangeError:
+            raise LogReset(f"the checkpoint at offset {offset} is gone") from None
+        for record in batch.get(tp, []):
+            found = self._decode(record.value) if record.value is not None else None
+            if (
+                record.offset != offset
+                or not isinstance(found, FeedCheckpoint)
+                or found.epoch != self.epoch
+            ):
+                raise LogReset(f"offset {offset} no longer holds checkpoint {self.epoch}")
+            return True
+        high = probe.highwater(tp)
+        if high is not None and high <= offset:
+            raise LogReset(f"high-water mark {high} at or below the checkpoint at {offset}")
+        return False
 
 
 class SseRevocationFeed(_FeedBase):

@@ -837,3 +837,51 @@ async def claim_assertion(db: Database, jti_hash: str, expires_at: float, now: f
         expires_at,
     )
     return changed == 1
+
+
+async def audit_between(
+    db: Database, *, since: float | None, until: float | None, after_seq: int, limit: int
+) -> list[AuditEntry]:
+    """Oldest first within ``[since, until)`` (either end open when None), after
+    ``after_seq``: the console's time-range export, page by page."""
+    rows = await db.fetch(
+        "SELECT * FROM audit_log WHERE at >= ? AND at < ? AND seq > ? ORDER BY seq LIMIT ?",
+        since if since is not None else 0.0,
+        until if until is not None else 1e300,
+        after_seq,
+        limit,
+    )
+    return [_audit(r) for r in rows]
+
+
+async def audit_of_subjects(
+    db: Database, subjects: Sequence[str], *, limit: int
+) -> list[AuditEntry]:
+    """Newest first: the audit entries about any of ``subjects`` (e.g. ``task:<id>``)."""
+    if not subjects:
+        return []
+    rows = await db.fetch(
+        f"SELECT * FROM audit_log WHERE subject IN ({_in(subjects)}) ORDER BY seq DESC LIMIT ?",
+        *subjects,
+        limit,
+    )
+    return [_audit(r) for r in rows]
+
+
+async def recent_audit_between(
+    db: Database,
+    *,
+    since: float | None,
+    until: float | None,
+    before_seq: int | None,
+    limit: int,
+) -> list[AuditEntry]:
+    """Newest first within ``[since, until)`` (the console's time-range search)."""
+    rows = await db.fetch(
+        "SELECT * FROM audit_log WHERE at >= ? AND at < ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+        since if since is not None else 0.0,
+        until if until is not None else 1e300,
+        before_seq if before_seq is not None else 2**63 - 1,
+        limit,
+    )
+    return [_audit(r) for r in rows]

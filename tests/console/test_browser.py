@@ -3,8 +3,12 @@
 An alert produced to the alerts topic (as the detector produces it) is ingested by the
 service and appears in the open alert page without a reload; the analyst opens its task,
 revokes it with a reason through the confirmation page, and finds the revocation in the
-audit log. Then a guard (the SDK, fed from the Kafka revocation topic) and introspection
-both say the task's credential is dead.
+audit log (and exports it as CSV). The improved pages are checked as an analyst reads
+them: the alert's summary in its own column and its evidence as an expandable panel in
+local time, the chart moving with the table on the same SSE event, the task page naming
+who revoked it with its history, and every page fitting a 390 px wide phone. Then a
+guard (the SDK, fed from the Kafka revocation topic) and introspection both say the
+task's credential is dead.
 
 With ``KS_WRITE_SCREENSHOTS=1`` the main views are written to docs/screenshots/.
 """
@@ -26,6 +30,7 @@ import pytest
 from service import kafka
 from service.brokers import BrokerProcess, start_tansu
 from service.config import Settings
+from service.console.pages import USAGE_UNAVAILABLE
 from service.kernel.events import AlertEvent, Severity, encoder
 from service.sdk import Guard, KafkaRevocationFeed
 from tests.support.serve import Served, serve
@@ -163,7 +168,10 @@ async def test_an_analyst_sees_an_alert_live_and_revokes_its_task(
         ],
     )
 
-    context = await browser.new_context(viewport={"width": 1360, "height": 900})
+    # A zone away from UTC, so local times are visibly local.
+    context = await browser.new_context(
+        viewport={"width": 1360, "height": 900}, timezone_id="Europe/Berlin"
+    )
     page = await context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -178,6 +186,10 @@ async def test_an_analyst_sees_an_alert_live_and_revokes_its_task(
     await page.wait_for_selector("#live.on", timeout=WAIT_MS)
     await page.wait_for_selector("tr[data-severity=medium]", timeout=WAIT_MS)
     await page.evaluate("window.__notReloaded = true")
+    await page.wait_for_function(
+        "document.getElementById('chart-totals').textContent.startsWith('2 alert(s)')",
+        timeout=WAIT_MS,
+    )
 
     # An alert is produced to Kafka and appears without a reload.
     await _produce(
@@ -193,6 +205,7 @@ async def test_an_analyst_sees_an_alert_live_and_revokes_its_task(
                     summary="call:tool/payments.send is outside the declared scope",
                     action="call",
                     resource="tool/payments.send",
+                    event_at=time.time() - 1.5,
                 ),
             )
         ],
@@ -201,7 +214,19 @@ async def test_an_analyst_sees_an_alert_live_and_revokes_its_task(
     await row.wait_for(timeout=WAIT_MS)
     assert await page.evaluate("window.__notReloaded === true")
     assert await row.get_attribute("data-severity") == "critical"
-    assert "tool/payments.send" in await row.inner_text()
+    # The chart moved with the table, on the same event (no timer in between).
+    totals = await page.inner_text("#chart-totals")
+    assert totals.startswith("3 alert(s)"), totals
+    summary = await row.locator("td.summary").inner_text()
+    assert summary == "call:tool/payments.send is outside the declared scope"
+    # Evidence is a closed panel of facts; opened, it reads in words and local time.
+    facts = row.locator("details.evidence")
+    assert await facts.locator("dl").is_hidden()
+    await facts.locator("summary").click()
+    assert await facts.locator("dt", has_text="offending use at").is_visible()
+    assert await facts.locator("dt", has_text="resource").is_visible()
+    when = await facts.locator("time").inner_text()
+    assert when.endswith("\u00a0UTC+1"), when  # Europe/Berlin in December
     # The client-side filter hides what is below the chosen severity.
     await page.select_option("#f-severity", "high")
     assert await page.locator("tr[data-severity=medium]").is_hidden()
@@ -215,7 +240,7 @@ async def test_an_analyst_sees_an_alert_live_and_revokes_its_task(
     # Open its task, revoke it with a reason, confirm on the second page.
     await row.locator(f"a[href='/console/tasks/{billing_task}']").click()
     await page.wait_for_url(f"**/console/tasks/{billing_task}")
-    await _shot(page, "task")
+    assert USAGE_UNAVAILABLE in await page.inner_text("[data-testid=usage]")
     await page.fill("#reason-task", "exfiltration attempt: payments.send outside scope")
     await page.click("form.revoke-form button[type=submit]")
     await page.wait_for_url("**/console/revoke")
@@ -225,6 +250,14 @@ async def test_an_analyst_sees_an_alert_live_and_revokes_its_task(
     await page.wait_for_url(f"**/console/tasks/{billing_task}")
     assert "Revoked task" in await page.inner_text(".flash.ok")
     assert "revoked" in await page.inner_text("h1")
+    ended = await page.inner_text("[data-testid=ended]")
+    assert "Revoked by" in ended
+    assert "operator:ana" in ended
+    assert "exfiltration attempt" in ended
+    history = await page.inner_text("#history")
+    for event in ("task opened", "credential issued", "alert (critical)", "revoked"):
+        assert event in history, event
+    await _shot(page, "task")
 
     # The revocation is in the audit log.
     await page.click("nav >> text=Audit log")
@@ -235,10 +268,33 @@ async def test_an_analyst_sees_an_alert_live_and_revokes_its_task(
     assert "operator:ana" in text
     assert "exfiltration attempt" in text
     await _shot(page, "audit")
+    # The export link streams the same log as CSV with the session cookie.
+    href = await page.get_attribute("[data-testid=export-csv]", "href")
+    assert href == "/console/audit/export.csv"
+    exported = await page.request.get(f"{server.url}{href}")
+    assert exported.status == 200
+    assert exported.headers["content-type"].startswith("text/csv")
+    assert f"task:{billing_task}" in await exported.text()
 
     await page.goto(f"{server.url}/console/agents/billing-agent")
     assert "Revocations" in await page.inner_text("main")
     await _shot(page, "agent")
+
+    # A phone: nothing scrolls sideways but a wide table inside its own box.
+    await page.set_viewport_size({"width": 390, "height": 844})
+    for path in (
+        "/console/alerts",
+        f"/console/tasks/{billing_task}",
+        "/console/agents/billing-agent",
+        "/console/audit",
+        "/console/tasks",
+    ):
+        await page.goto(f"{server.url}{path}")
+        width = await page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, (path, width)
+        if path == "/console/alerts":
+            await page.wait_for_selector("#live.on", timeout=WAIT_MS)
+            await _shot(page, "alerts-mobile")
     assert not errors, errors
     await context.close()
 

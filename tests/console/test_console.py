@@ -4,16 +4,31 @@ POSTs are 403), and an analyst revoking a task with a reason and a confirmation.
 
 from __future__ import annotations
 
+import asyncio
+import csv
+import datetime as dt
+import io
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from service import alerts
-from service.kernel.events import AlertEvent, Severity
+from service import alerts, kafka
+from service.brokers import start_tansu
+from service.config import Settings
+from service.console.pages import USAGE_UNAVAILABLE
+from service.kernel.events import (
+    AlertEvent,
+    Decision,
+    Severity,
+    Source,
+    UsageEvent,
+    encoder,
+)
 from service.secrets_ import hash_secret
 from tests.console.support import csrf_of, nonce_of, open_task_for, post_form, sign_in
-from tests.support.harness import KS
+from tests.support.harness import KS, running_app
 from tests.support.tokens import on_app_loop
 
 # --------------------------------------------------------------------------- sign-in
@@ -419,12 +434,194 @@ async def test_text_from_alerts_is_escaped(ks: KS) -> None:
     assert "&lt;script&gt;" in page.text
 
 
+async def test_alert_evidence_reads_as_facts_with_the_summary_apart(ks: KS) -> None:
+    agent_id, task_id, _token = await open_task_for(ks)
+    event_at = 1_764_684_000.25
+    await _store_alert(
+        ks,
+        agent_id,
+        task_id,
+        evidence={"summary": "call outside scope", "event_at": event_at, "jti_hash": "ab" * 32},
+    )
+    await sign_in(ks, await ks.operator("viewer"))
+    page = (await ks.client.get("/console/alerts")).text
+    assert '<td class="summary">call outside scope</td>' in page
+    assert '<details class="evidence">' in page
+    assert "offending use at" in page
+    assert "credential (SHA-256 of jti)" in page
+    iso = dt.datetime.fromtimestamp(event_at, tz=dt.UTC).isoformat()
+    assert f'<time datetime="{iso}" data-local>2025-12-02 14:00:00Z</time>' in page
+    assert str(event_at) not in page  # no raw epoch float
+
+
+# --------------------------------------------------------------------------- range + exports
+
+
+def _iso_minute(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+async def test_alert_exports_stream_the_time_range_as_csv_and_json(ks: KS) -> None:
+    agent_id, task_id, _token = await open_task_for(ks)
+    recent = await _store_alert(ks, agent_id, task_id, {"summary": 'recent, with "quotes"'})
+    old = await _store_alert(ks, agent_id, task_id, {"summary": "old"}, ago=7200)
+    await sign_in(ks, await ks.operator("viewer"))
+    window = {"from": _iso_minute(ks.services.clock.now() - 3600)}
+
+    r = await ks.client.get("/console/alerts/export.csv", params=window)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/csv")
+    assert "attachment" in r.headers["content-disposition"]
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    assert [row["alert_id"] for row in rows] == [recent.alert_id]
+    assert rows[0]["summary"] == 'recent, with "quotes"'
+    assert rows[0]["at"].endswith("+00:00")
+
+    r = await ks.client.get("/console/alerts/export.json", params=window)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("application/json")
+    assert [a["alert_id"] for a in r.json()] == [recent.alert_id]
+
+    # ``to`` is exclusive, epoch seconds work too; no range exports everything.
+    before = {"to": str(ks.services.clock.now() - 3600)}
+    r = await ks.client.get("/console/alerts/export.json", params=before)
+    assert [a["alert_id"] for a in r.json()] == [old.alert_id]
+    everything = (await ks.client.get("/console/alerts/export.json")).json()
+    assert {a["alert_id"] for a in everything} == {recent.alert_id, old.alert_id}
+
+    # The page searches the same range and its export links carry it.
+    page = (await ks.client.get("/console/alerts", params=window)).text
+    assert recent.alert_id in page
+    assert old.alert_id not in page
+    assert 'data-testid="range-note"' in page
+    assert f"/console/alerts/export.csv?from={window['from'].replace(':', '%3A')}" in page
+    closed = (await ks.client.get("/console/alerts", params=before)).text
+    assert 'data-live="no"' in closed
+    assert old.alert_id in closed
+    assert recent.alert_id not in closed
+
+
+async def test_audit_exports_stream_the_time_range(ks: KS) -> None:
+    await open_task_for(ks)
+    analyst = await ks.operator("analyst")
+    await sign_in(ks, analyst)
+    r = await ks.client.get("/console/audit/export.csv")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    assert list(rows[0]) == ["seq", "at", "actor", "action", "subject", "detail"]
+    assert "console.sign_in" in {row["action"] for row in rows}
+    seqs = [int(row["seq"]) for row in rows]
+    assert seqs == sorted(seqs)  # oldest first, as written
+
+    r = await ks.client.get("/console/audit/export.json")
+    assert r.headers["content-type"].startswith("application/json")
+    entries = r.json()
+    assert len(entries) == len(rows)
+    assert all(isinstance(e["detail"], dict) for e in entries)
+
+    past = {"to": _iso_minute(ks.services.clock.now() - 86_400)}
+    assert (await ks.client.get("/console/audit/export.json", params=past)).json() == []
+    page = await ks.client.get("/console/audit", params=past)
+    assert "The audit log is empty." in page.text
+    future = {"from": _iso_minute(ks.services.clock.now() + 3600)}
+    csv_rows = (await ks.client.get("/console/audit/export.csv", params=future)).text
+    assert csv_rows.strip() == "seq,at,actor,action,subject,detail"
+
+
+async def test_exports_need_a_console_session_and_a_valid_range(ks: KS) -> None:
+    for path in (
+        "/console/alerts/export.csv",
+        "/console/alerts/export.json",
+        "/console/audit/export.csv",
+        "/console/audit/export.json",
+    ):
+        ks.client.cookies.clear()
+        r = await ks.client.get(path, headers={"accept": "text/csv"}, follow_redirects=False)
+        assert r.status_code == 401, path
+        assert "seq" not in r.text
+        # The API's bearer token is not a console session.
+        r = await ks.client.get(path, headers=ks.admin, follow_redirects=False)
+        assert r.status_code in (303, 401), path
+    await sign_in(ks, await ks.operator("viewer"))
+    bad = await ks.client.get("/console/audit/export.csv", params={"from": "yesterday"})
+    assert bad.status_code == 400
+    backwards = await ks.client.get(
+        "/console/alerts/export.json", params={"from": "2026-01-02", "to": "2026-01-01"}
+    )
+    assert backwards.status_code == 400
+
+
+# --------------------------------------------------------------------------- task page
+
+
+async def test_a_revoked_task_shows_who_revoked_it_and_its_history(ks: KS) -> None:
+    agent_id, task_id, _token = await open_task_for(ks)
+    await _store_alert(
+        ks, agent_id, task_id, {"summary": "odd call", "resource": "tool/payments.send"}
+    )
+    analyst = await ks.operator("analyst")
+    csrf = await sign_in(ks, analyst)
+    before = (await ks.client.get(f"/console/tasks/{task_id}")).text
+    assert 'data-testid="ended"' not in before
+    assert USAGE_UNAVAILABLE in before
+    base = {"csrf_token": csrf, "target": "task", "task_id": task_id, "reason": "stolen token"}
+    confirm = await post_form(ks, "/console/revoke", base)
+    done = await post_form(
+        ks, "/console/revoke", base | {"nonce": nonce_of(confirm.text), "confirm": "yes"}
+    )
+    assert done.status_code == 303, done.text
+
+    page = (await ks.client.get(f"/console/tasks/{task_id}")).text
+    assert "Revoked by" in page
+    actor = re.search(r'data-testid="ended-actor">([^<]+)<', page)
+    assert actor is not None
+    assert actor.group(1).startswith("operator:analyst-")
+    assert re.search(r'data-testid="ended-reason">stolen token<', page)
+    assert re.search(r'data-testid="ended-source">analyst<', page)
+    # Usage: no guard reported (this app has no Kafka), said so — never invented.
+    usage = page[page.index('data-testid="usage"') : page.index('id="history-h"')]
+    assert usage.count(USAGE_UNAVAILABLE) == 3
+    assert "1 issued (0 renewals), 1 revoked" in usage
+    assert "tool/payments.send" in usage
+    history = page[page.index('id="history"') : page.index('id="creds-h"')]
+    for event in ("task opened", "credential issued", "alert (high)", "credential revoked"):
+        assert event in history, event
+    assert "stolen token" in history
+    # The audit entry of the revocation, on the task page itself.
+    audit = page[page.index('id="task-audit"') :]
+    assert "<code>revoke</code>" in audit
+    assert actor.group(1) in audit
+
+
+async def test_a_task_ended_by_its_agents_revocation_names_it(ks: KS) -> None:
+    agent_id, task_id, _token = await open_task_for(ks)
+    csrf = await sign_in(ks, await ks.operator("analyst"))
+    base = {"csrf_token": csrf, "target": "agent", "agent_id": agent_id, "reason": "rogue"}
+    confirm = await post_form(ks, "/console/revoke", base)
+    assert confirm.status_code == 200, confirm.text
+    extra = {"nonce": nonce_of(confirm.text), "confirm": "yes"}
+    done = await post_form(ks, "/console/revoke", base | extra)
+    assert done.status_code == 303, done.text
+    page = (await ks.client.get(f"/console/tasks/{task_id}")).text
+    ended = page[page.index('data-testid="ended"') : page.index('data-testid="usage"')]
+    assert f"of agent {agent_id}" in ended
+    assert re.search(r'data-testid="ended-reason">rogue<', ended)
+    audit = page[page.index('id="task-audit"') :]
+    assert "<code>revoke</code>" in audit  # the agent's revocation entry, shown here too
+
+
 async def _store_alert(
-    ks: KS, agent_id: str, task_id: str, evidence: dict[str, Any] | None = None
+    ks: KS,
+    agent_id: str,
+    task_id: str,
+    evidence: dict[str, Any] | None = None,
+    *,
+    ago: float = 0.0,
 ) -> Any:
     event = AlertEvent(
-        alert_id=f"test-{task_id}-{len(evidence or {})}",
-        at=ks.services.clock.now(),
+        alert_id=f"test-{task_id}-{len(evidence or {})}-{int(ago)}",
+        at=ks.services.clock.now() - ago,
         rule="scope.out_of_scope",
         severity=Severity.HIGH,
         agent_id=agent_id,
@@ -437,3 +634,63 @@ async def _store_alert(
         ks, alerts.store, ks.services.db, [event], received_at=ks.services.clock.now()
     )
     return stored[0]
+
+
+# --------------------------------------------------------------------------- reported usage
+
+
+async def test_the_task_page_shows_what_the_guards_reported(
+    database_url: str, tmp_path: Path
+) -> None:
+    """UsageEvents on the real usage topic (tansu) reach the task page: calls, denials,
+    resources and sources, as the guards reported them."""
+    with start_tansu() as broker:
+        settings = Settings(kafka_bootstrap=broker.bootstrap)
+        async with running_app(database_url, tmp_path, kafka_bootstrap=broker.bootstrap) as ks:
+            agent_id, task_id, _token = await open_task_for(ks)
+            events = [
+                UsageEvent(
+                    event_id=f"e{i}",
+                    at=1_800_000_000.0 + i,
+                    agent_id=agent_id,
+                    task_id=task_id,
+                    jti_hash="j" * 64,
+                    action="call",
+                    resource=resource,
+                    audience="https://tools.internal",
+                    decision=decision,
+                    reason=None if decision is Decision.ALLOW else "out of scope: call",
+                    bytes_out=100,
+                    source=Source(address="10.0.0.7", user_agent="agent/1.0"),
+                )
+                for i, (resource, decision) in enumerate(
+                    [
+                        ("tool/invoices.read", Decision.ALLOW),
+                        ("tool/invoices.read", Decision.ALLOW),
+                        ("tool/payments.send", Decision.DENY),
+                    ]
+                )
+            ]
+            producer = kafka.producer(settings, "test-usage")
+            await producer.start()
+            try:
+                for e in events:
+                    await producer.send_and_wait(
+                        settings.kafka_usage_topic, encoder.encode(e), key=agent_id.encode()
+                    )
+            finally:
+                await producer.stop()
+            await sign_in(ks, await ks.operator("viewer"))
+            for _ in range(200):
+                page = (await ks.client.get(f"/console/tasks/{task_id}")).text
+                if 'data-testid="usage-calls">3<' in page:
+                    break
+                await asyncio.sleep(0.05)
+            usage = page[page.index('data-testid="usage"') : page.index('id="history-h"')]
+            assert 'data-testid="usage-calls">3<' in usage, usage
+            assert 'data-testid="usage-denied">1 (out of scope: call: 1)' in usage, usage
+            assert "call tool/invoices.read × 2" in usage
+            assert "call tool/payments.send × 1" in usage
+            assert "address 10.0.0.7 × 3" in usage
+            assert "user agent agent/1.0 × 3" in usage
+            assert USAGE_UNAVAILABLE not in usage

@@ -701,3 +701,18 @@ def test_canonical_pattern_is_idempotent_and_exact_for_literals(pattern: str) ->
     plain = form.replace("*", "")
     if refusal(plain) is None:
         assert canonical(plain) == plain, (pattern, form)
+
+
+def test_the_detector_trusts_a_guard_refusal_of_a_resource_it_sees_cut() -> None:
+    """Usage events carry at most 2,048 characters of the resource: a long request the
+    guard refused may look covered once cut. The guard's refusal still counts."""
+    spec = ScopeSpec(grants=("GET:https://api.example.com/v1/**",), audiences=("a",))
+    long = "https://api.example.com/v1/" + "a/" * 1500 + "../admin"
+    why = compile_scope(spec).check("GET", long)
+    assert why is not None
+    assert why.startswith("out of scope")
+    cut = usage("GET", long[:2048], why)
+    assert compile_scope(spec).check("GET", cut.resource) is None  # covered once cut
+    known = TaskState("t-1", "agent")
+    known.learn(spec, None, "active", "agent")
+    assert out_of_scope(cut, known, AgentState("agent", 0), Thresholds()) is not None

@@ -1,8 +1,11 @@
 // The live alert feed: follows /console/alerts/stream (the session cookie authenticates
 // it), adds rows as alerts arrive, applies the client-side filters, acknowledges through
-// the CSRF-protected form without leaving the page, and keeps the chart current.
+// the CSRF-protected form without leaving the page, and keeps the chart current: one
+// SSE alert event updates the table and the chart together (the timeline is re-read
+// after the event only to pick up revocations, which are not on the alert stream).
 // Every value from the server is set with textContent: nothing is parsed as HTML.
 import { drawChart } from "./chart.js";
+import { evidenceItems, fmtUtc, localise } from "./evidence.js";
 
 const SEVERITY_RANK = { low: 0, medium: 1, high: 2, critical: 3 };
 const feed = document.getElementById("feed");
@@ -16,9 +19,7 @@ const countLabel = document.getElementById("f-count");
 
 // ------------------------------------------------------------------ rendering
 
-function fmtTime(epochSeconds) {
-  return new Date(epochSeconds * 1000).toISOString().replace("T", " ").slice(0, 19) + "Z";
-}
+const fmtTime = fmtUtc;
 
 function node(tag, attrs = {}, ...children) {
   const n = document.createElement(tag);
@@ -35,14 +36,22 @@ function badge(kind, value) {
   return node("span", { class: `badge ${kind}-${value}`, text: value });
 }
 
-// The same spelling as the server's (sorted keys, ", " and ": "), so live and rendered rows match.
-function compactJson(value) {
-  if (Array.isArray(value)) return `[${value.map(compactJson).join(", ")}]`;
-  if (value && typeof value === "object") {
-    const keys = Object.keys(value).sort();
-    return `{${keys.map((k) => `${JSON.stringify(k)}: ${compactJson(value[k])}`).join(", ")}}`;
+function evidencePanel(evidence) {
+  const items = evidenceItems(evidence);
+  if (!items.length) return node("span", { class: "hint", text: "—" });
+  const dl = node("dl", { class: "facts" });
+  for (const item of items) {
+    const value = item.iso
+      ? node("time", { datetime: item.iso, "data-local": "", text: item.value })
+      : document.createTextNode(item.value);
+    dl.append(node("dt", { text: item.label }), node("dd", item.iso ? {} : { class: "mono" }, value));
   }
-  return JSON.stringify(value ?? null);
+  return node(
+    "details",
+    { class: "evidence" },
+    node("summary", { text: `${items.length} fact${items.length === 1 ? "" : "s"}` }),
+    dl,
+  );
 }
 
 function ackCell(alert) {
@@ -61,7 +70,8 @@ function ackCell(alert) {
 }
 
 function alertRow(alert) {
-  const text = `${alert.rule} ${alert.agent_id} ${alert.task_id || ""} ${alert.action}`.toLowerCase();
+  const summary = typeof alert.evidence?.summary === "string" ? alert.evidence.summary : "";
+  const text = `${alert.rule} ${alert.agent_id} ${alert.task_id || ""} ${alert.action} ${summary}`.toLowerCase();
   const tr = node("tr", {
     "data-alert-id": alert.alert_id,
     "data-seq": String(alert.seq),
@@ -70,7 +80,7 @@ function alertRow(alert) {
     "data-acked": alert.acked_at ? "yes" : "no",
   });
   if (alert.acked_at) tr.classList.add("acked");
-  const when = node("time", { datetime: new Date(alert.at * 1000).toISOString(), text: fmtTime(alert.at) });
+  const when = node("time", { datetime: new Date(alert.at * 1000).toISOString(), "data-local": "", text: fmtTime(alert.at) });
   const rule = node("td", {}, node("code", { text: alert.rule }));
   if (alert.score !== null && alert.score !== undefined) {
     rule.append(node("br"), node("span", { class: "hint", text: `score ${Number(alert.score).toFixed(3)}` }));
@@ -79,17 +89,14 @@ function alertRow(alert) {
   const task = alert.task_id
     ? node("a", { class: "mono", href: `/console/tasks/${encodeURIComponent(alert.task_id)}`, text: alert.task_id })
     : document.createTextNode("—");
-  const evidence = node("div", {
-    class: "evidence mono",
-    text: compactJson(alert.evidence || {}),
-  });
   tr.append(
     node("td", {}, when),
     node("td", {}, badge("sev", alert.severity)),
     rule,
     node("td", {}, agent),
     node("td", {}, task),
-    node("td", {}, evidence),
+    node("td", { class: "summary", text: summary || "—" }),
+    node("td", {}, evidencePanel(alert.evidence || {})),
     node("td", {}, badge("act", alert.action)),
     ackCell(alert),
   );
@@ -175,16 +182,31 @@ async function refreshTimeline() {
   }
 }
 
+// The alert's own minute gets +1 now, in the same handler that adds its row; a minute
+// past the window's end rolls the window forward (the chart keeps its width).
 function countLive(alert) {
-  const last = points[points.length - 1];
-  if (last && alert.at >= last.minute && alert.at < last.minute + 60) {
-    last.alerts += 1;
-    redraw();
+  if (!points.length) return;
+  const minute = Math.floor(alert.at / 60) * 60;
+  let last = points[points.length - 1];
+  while (minute > last.minute) {
+    points.push({ minute: last.minute + 60, alerts: 0, revocations: 0 });
+    points.shift();
+    last = points[points.length - 1];
   }
+  const bucket = points.find((p) => p.minute === minute);
+  if (bucket) bucket.alerts += 1;
+  redraw();
+}
+
+let pendingRefresh = null;
+function refreshSoon() {
+  clearTimeout(pendingRefresh);
+  pendingRefresh = setTimeout(refreshTimeline, 1_000);
 }
 
 refreshTimeline();
-setInterval(refreshTimeline, 10_000);
+// Rolls the window on a quiet feed and picks up analysts' revocations.
+setInterval(refreshTimeline, 30_000);
 
 // ------------------------------------------------------------------ the stream
 
@@ -207,12 +229,18 @@ function connect() {
     const tr = alertRow(alert);
     tr.classList.add("fresh");
     tbody.prepend(tr);
+    localise(tr);
     document.querySelector("[data-empty]")?.remove();
     applyFilters();
     countLive(alert);
+    refreshSoon();
   });
   source.addEventListener("ack", (event) => markAcked(JSON.parse(event.data)));
 }
 
 applyFilters();
-connect();
+if (feed.dataset.live === "yes") connect();
+else {
+  live.textContent = "range search: live updates off";
+  live.className = "live off";
+}

@@ -9,9 +9,10 @@ function el(name, attrs, text) {
   return node;
 }
 
+// In the browser's zone, like every other time on the page (static/evidence.js).
 function hhmm(epochSeconds) {
   const d = new Date(epochSeconds * 1000);
-  return d.toISOString().slice(11, 16);
+  return `${String(d.getHours()).padStart(2, "0")}:${String(d.getMinutes()).padStart(2, "0")}`;
 }
 
 /**
@@ -37,12 +38,12 @@ export function drawChart(host, points) {
     const hr = (p.revocations / max) * innerH;
     if (p.alerts > 0) {
       const bar = el("rect", { class: "bar-alerts", x, y: pad.top + innerH - ha, width: barW, height: ha });
-      bar.append(el("title", {}, `${hhmm(p.minute)} UTC: ${p.alerts} alert(s)`));
+      bar.append(el("title", {}, `${hhmm(p.minute)}: ${p.alerts} alert(s)`));
       svg.append(bar);
     }
     if (p.revocations > 0) {
       const bar = el("rect", { class: "bar-revocations", x: x + barW + 1, y: pad.top + innerH - hr, width: barW, height: hr });
-      bar.append(el("title", {}, `${hhmm(p.minute)} UTC: ${p.revocations} revocation(s)`));
+      bar.append(el("title", {}, `${hhmm(p.minute)}: ${p.revocations} revocation(s)`));
       svg.append(bar);
     }
     if (i % 5 === 0 || i === points.length - 1) {
