@@ -31,8 +31,8 @@ from service import kafka
 from service.brokers import BrokerProcess, start_tansu
 from service.config import Settings
 from service.console.pages import USAGE_UNAVAILABLE
-from service.kernel.events import AlertEvent, Severity, encoder
-from service.sdk import Guard, KafkaRevocationFeed
+from service.kernel.events import AlertEvent, Severity, Source, encoder
+from service.sdk import Guard, KafkaRevocationFeed, UsageEmitter
 from tests.support.serve import Served, serve
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -168,6 +168,26 @@ async def test_an_analyst_sees_an_alert_live_and_revokes_its_task(
         ],
     )
 
+    # The billing agent works through a real guard, which reports each check on the usage
+    # topic: three calls in scope, one outside it. The task page shows what it reported.
+    usage_settings = Settings(kafka_bootstrap=broker.bootstrap, **_fast())
+    async with Guard(
+        issuer=server.url,
+        audience=AUD,
+        feed=KafkaRevocationFeed(usage_settings),
+        usage=UsageEmitter(usage_settings),
+    ) as worker:
+        await asyncio.wait_for(worker.wait_ready(), timeout=30)
+        for tool in ("invoices.read", "invoices.read", "invoices.list", "payments.send"):
+            await worker.check(
+                billing_token,
+                "call",
+                f"tool/{tool}",
+                source=Source(address="10.1.2.3", user_agent="billing-agent/2.4"),
+            )
+        assert worker.usage is not None
+        await worker.usage.flush()
+
     # A zone away from UTC, so local times are visibly local.
     context = await browser.new_context(
         viewport={"width": 1360, "height": 900}, timezone_id="Europe/Berlin"
@@ -240,7 +260,17 @@ async def test_an_analyst_sees_an_alert_live_and_revokes_its_task(
     # Open its task, revoke it with a reason, confirm on the second page.
     await row.locator(f"a[href='/console/tasks/{billing_task}']").click()
     await page.wait_for_url(f"**/console/tasks/{billing_task}")
-    assert USAGE_UNAVAILABLE in await page.inner_text("[data-testid=usage]")
+    for _ in range(100):  # the service folds the usage topic in the background
+        if await page.locator("[data-testid=usage-calls]").count():
+            break
+        await asyncio.sleep(0.1)
+        await page.reload()
+    usage = await page.inner_text("[data-testid=usage]")
+    assert USAGE_UNAVAILABLE not in usage
+    assert await page.inner_text("[data-testid=usage-calls]") == "4"
+    assert (await page.inner_text("[data-testid=usage-denied]")).startswith("1 (out of scope")
+    assert "call tool/invoices.read × 2" in usage
+    assert "address 10.1.2.3 × 4" in usage
     await page.fill("#reason-task", "exfiltration attempt: payments.send outside scope")
     await page.click("form.revoke-form button[type=submit]")
     await page.wait_for_url("**/console/revoke")
