@@ -415,7 +415,13 @@ class _Pattern:
 # --------------------------------------------------------------------------- compiled scopes
 
 _UNDECIDED: Final = object()
-_DECIDED_MAX: Final = 1024
+# check() is a pure function of (scope, action, resource): recent answers are remembered
+# so an agent calling the same tool again costs one dict lookup. One process-wide table,
+# bounded in entries and in the length of what it keeps (~50 MB at worst), cleared when
+# full: hostile distinct resources only ever miss, they never grow memory.
+_DECIDED_MAX: Final = 65_536
+_DECIDED_RESOURCE_MAX: Final = 512
+_decided: dict[tuple[CompiledScope, str, str], str | None] = {}
 
 _Matcher: TypeAlias = Callable[[str], "re.Match[str] | None"]
 
@@ -437,7 +443,6 @@ class CompiledScope:
     __slots__ = (
         "_audiences",
         "_by_action",
-        "_decided",
         "_default",
         "_grant_texts",
         "_matchers",
@@ -450,7 +455,6 @@ class CompiledScope:
     spec: ScopeSpec
     grants: tuple[Grant, ...]
     _audiences: frozenset[str]
-    _decided: dict[tuple[str, str], str | None]
     _by_action: dict[str, tuple[_Pattern, ...]]
     _default: _Matcher | None
     _grant_texts: frozenset[str]
@@ -484,10 +488,6 @@ class CompiledScope:
         setter(self, "_by_action", by_action)
         setter(self, "_patterns_any", patterns_any)
         setter(self, "_patterns", patterns)
-        # check() is a pure function of (action, resource): remember recent answers, so
-        # an agent calling the same tool again costs one dict lookup (bounded; cleared
-        # when full, so hostile distinct resources only ever miss).
-        setter(self, "_decided", {})
 
     def __setattr__(self, name: str, value: object) -> NoReturn:
         raise AttributeError(f"CompiledScope is immutable; cannot set {name!r}")
@@ -514,15 +514,15 @@ class CompiledScope:
         rule recognises): the refusal of ``canonical`` or, for a resource no grant
         matches, the action and (the first 200 characters of) the resource as given.
         """
-        key = (action, resource)
-        decided = self._decided
-        reason = decided.get(key, _UNDECIDED)
+        key = (self, action, resource)
+        reason = _decided.get(key, _UNDECIDED)
         if reason is not _UNDECIDED:
             return reason  # type: ignore[return-value]
         reason = self._decide(action, resource)
-        if len(decided) >= _DECIDED_MAX:
-            decided.clear()
-        decided[key] = reason
+        if len(resource) <= _DECIDED_RESOURCE_MAX and len(action) <= 64:
+            if len(_decided) >= _DECIDED_MAX:
+                _decided.clear()
+            _decided[key] = reason
         return reason
 
     def _decide(self, action: str, resource: str) -> str | None:
